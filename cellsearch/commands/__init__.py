@@ -1,0 +1,1 @@
+"""Subcommands of the ``cellsearch`` CLI, one module each (see :mod:`cellsearch.cli`)."""

@@ -1,0 +1,37 @@
+"""Shared test set-up.
+
+Torch runs single-threaded in tests: the machines have 2 cores and results must be
+bit-reproducible. ``PTB_DIR`` points at the shared Penn Treebank copy beside the
+checkout (``../shared/data/ptb``) unless ``CELLSEARCH_PTB_DIR`` is set.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+PTB_DIR = Path(os.environ.get("CELLSEARCH_PTB_DIR", REPO_ROOT.parent / "shared" / "data" / "ptb"))
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _single_thread_torch():
+    try:
+        import torch
+    except ImportError:  # pragma: no cover
+        yield
+        return
+    torch.set_num_threads(1)
+    yield
+
+
+@pytest.fixture(scope="session")
+def ptb_dir() -> Path:
+    if not (PTB_DIR / "ptb.train.txt").exists():
+        pytest.fail(f"Penn Treebank data not found at {PTB_DIR}; set CELLSEARCH_PTB_DIR")
+    return PTB_DIR
