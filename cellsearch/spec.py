@@ -125,7 +125,7 @@ def _check_constant(value: Any, node: str, key: str) -> float:
 
 def _make_node(name: str, raw: Any) -> Node:
     if isinstance(raw, Node):
-        raw = {"op": raw.op, "inputs": list(raw.inputs), "bias": raw.bias, "diag": raw.diag}
+        raw = raw.to_dict()
     if not isinstance(raw, Mapping):
         raise CellSpecError(f"node {name!r}: expected a mapping with 'op' and 'inputs', got {type(raw).__name__}")
     unknown = set(raw) - {"op", "inputs", "bias", "diag"}
@@ -220,16 +220,17 @@ class CellSpec:
             cycle = nx.find_cycle(graph)
             raise CellSpecError(f"node {cycle[0][1]!r}: the graph has a cycle ({' -> '.join(e[0] for e in cycle)} -> {cycle[0][0]})")
         # Pruning: a node that reaches no output computes nothing the cell returns.
-        live: set[str] = set()
-        for target in outputs.values():
-            live.add(target)
-            live |= nx.ancestors(graph, target)
+        # A sink fed by every output finds all live values in one traversal.
+        sink = ("outputs",)  # a tuple can never clash with a (string) value name
+        graph.add_edges_from((target, sink) for target in outputs.values())
+        live = nx.ancestors(graph, sink)
+        graph.remove_node(sink)
         nodes = {n: v for n, v in nodes.items() if n in live}
         for name in inputs:
             if name not in live:
                 what = "the input" if name == INPUT else "state"
                 raise CellSpecError(f"{what} {name!r} is never read by a node that reaches an output")
-        graph = graph.subgraph(list(inputs) + list(nodes))
+        graph.remove_nodes_from([n for n in list(graph) if n not in live and n not in inputs])
         # Deterministic topological order (ties by name) gives a stable file layout.
         order = tuple(n for n in nx.lexicographical_topological_sort(graph) if n in nodes)
         object.__setattr__(self, "states", states)

@@ -1,0 +1,139 @@
+"""Typed configuration of an evolutionary search (one YAML file per search).
+
+Every key has a default and a reason (see ``cellsearch search --describe``);
+unknown keys and out-of-range values fail at load time with a message naming
+the key. The defaults are the paper's settings (population 100, 20 settings
+per task, memorisation filter at 0.95, early stop below 0.9 of the GRU's best).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+from cellsearch.config import ConfigError, from_mapping, load_yaml, option, to_mapping
+from cellsearch.errors import UserError
+
+__all__ = ["ResourcesConfig", "SearchConfig", "load_search_config", "resolve_ptb_dir", "PTB_ENV"]
+
+#: Environment variable consulted when ``ptb_dir`` is null.
+PTB_ENV = "CELLSEARCH_PTB_DIR"
+
+
+def _positive(value: Any) -> bool:
+    return value is None or value > 0
+
+
+def _probability(value: float) -> bool:
+    return 0.0 <= value <= 1.0
+
+
+@dataclass(frozen=True)
+class ResourcesConfig:
+    """What one unit of work asks Ray for."""
+
+    num_cpus: float = option(1.0, "CPUs per unit; torch uses this many threads", check=lambda v: v > 0, rule="> 0")
+    num_gpus: float = option(0.0, "GPUs per unit; fractions share a GPU between units", check=lambda v: v >= 0,
+                             rule=">= 0")
+    max_retries: int = option(3, "Ray retries of a unit whose worker or node died", check=lambda v: v >= 0,
+                              rule=">= 0")
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    """An evolutionary search after Jozefowicz et al. (2015); see the module docstring."""
+
+    tasks: tuple[str, ...] = option(("arithmetic", "xml", "ptb"), "scored tasks, in the order candidates meet them",
+                                    check=lambda v: len(v) > 0 and len(set(v)) == len(v),
+                                    rule="a non-empty list without repeats")
+    budget_profile: Literal["smoke", "small", "paper"] = option("paper", "training budget profile of every task")
+    population_size: int = option(100, "the population is the best N cells by score", check=lambda v: v >= 2,
+                                  rule=">= 2")
+    settings_per_task: int = option(20, "K: hyperparameter settings per task per evaluation", check=lambda v: v >= 1,
+                                    rule=">= 1")
+    settings_per_unit: int = option(5, "settings trained one after another inside one unit of work",
+                                    check=lambda v: v >= 1, rule=">= 1")
+    initial_cells: tuple[str, ...] = option(("gru", "lstm"), "reference cells the population starts with",
+                                            check=lambda v: len(v) > 0, rule="a non-empty list")
+    reference_cell: str = option("gru", "scores are ratios to this cell's best (it must be an initial cell)")
+    reevaluate_probability: float = option(0.1, "chance that a step re-evaluates a member instead of mutating one",
+                                           check=_probability, rule="between 0 and 1")
+    memorize_task: str | None = option("memorize", "filter task a candidate meets first (null: no filter)")
+    memorize_settings: int = option(1, "settings tried on the memorisation filter", check=lambda v: v >= 1,
+                                    rule=">= 1")
+    memorize_threshold: float = option(0.95, "memorisation score a candidate must reach", check=_probability,
+                                       rule="between 0 and 1")
+    early_stop_fraction: float = option(0.9, "a candidate stops when its best on a task is below this fraction of "
+                                        "the reference cell's best", check=_probability, rule="between 0 and 1")
+    selection: Literal["uniform", "tournament", "aging"] = option(
+        "uniform", "parent selection: uniform (paper), tournament or aging (Real et al. 2019)")
+    tournament_size: int = option(10, "members drawn per tournament (tournament and aging)", check=lambda v: v >= 1,
+                                  rule=">= 1")
+    seed_from_parent: int = option(0, "a child's first trials on each task repeat its parent's best N settings",
+                                   check=lambda v: v >= 0, rule=">= 0")
+    sampler: Literal["random", "tpe"] = option("random", "hyperparameter sampler (the paper used random search)")
+    mutation: Mapping[str, Any] = option(None, "cellsearch.MutationConfig keys", factory=dict)
+    seed: int = option(0, "run seed; every random stream derives from it", check=lambda v: v >= 0, rule=">= 0")
+    max_steps: int | None = option(None, "stop after this many steps (null: unbounded)", check=_positive, rule="> 0")
+    max_evaluations: int | None = option(None, "stop starting steps after this many trained settings",
+                                         check=_positive, rule="> 0")
+    max_wall_clock_s: float | None = option(None, "stop starting steps after this many seconds of this session",
+                                            check=_positive, rule="> 0")
+    max_in_flight: int | None = option(None, "units in flight at once (null: twice the cluster's unit slots)",
+                                       check=_positive, rule="> 0")
+    resources: ResourcesConfig = option(None, "Ray resources of one unit", factory=ResourcesConfig)
+    device: str = option("cpu", "torch device units train on ('cuda' with num_gpus > 0)")
+    storage: str | None = option(None, "SQLAlchemy URL of the run database (null: SQLite in the run directory)")
+    ptb_dir: str | None = option(None, f"Penn Treebank directory (null: ${PTB_ENV})")
+
+    def __post_init__(self) -> None:
+        if self.reference_cell not in self.initial_cells:
+            raise ConfigError(f"reference_cell: {self.reference_cell!r} is not one of initial_cells "
+                              f"{list(self.initial_cells)}")
+        if self.memorize_task is not None and self.memorize_task in self.tasks:
+            raise ConfigError(f"memorize_task: {self.memorize_task!r} is also a scored task")
+        if self.max_steps is None and self.max_evaluations is None and self.max_wall_clock_s is None:
+            # An unbounded search is legitimate on a cluster (stop it with Ctrl-C); nothing to check.
+            pass
+
+    @property
+    def all_tasks(self) -> tuple[str, ...]:
+        """The filter task (if any) followed by the scored tasks."""
+        return ((self.memorize_task,) if self.memorize_task else ()) + self.tasks
+
+    def with_overrides(self, **changes: Any) -> "SearchConfig":
+        """A copy with some keys changed (``None`` values are ignored), validated like a file."""
+        data = to_mapping(self)
+        data.update({k: v for k, v in changes.items() if v is not None})
+        return from_mapping(SearchConfig, data)
+
+    def to_yaml(self) -> str:
+        import yaml
+
+        return yaml.safe_dump(to_mapping(self), sort_keys=False)
+
+
+def load_search_config(path: str | Path) -> SearchConfig:
+    """Read and validate a search config file."""
+    data = load_yaml(path)
+    try:
+        return from_mapping(SearchConfig, data)
+    except ConfigError as error:
+        raise ConfigError(f"{path}: {error}") from None
+
+
+def resolve_ptb_dir(config: SearchConfig) -> str | None:
+    """The PTB directory: the config's ``ptb_dir``, else ``$CELLSEARCH_PTB_DIR``; error if ptb needs one."""
+    if "ptb" not in config.all_tasks:
+        return config.ptb_dir
+    path = config.ptb_dir or os.environ.get(PTB_ENV)
+    if not path:
+        raise UserError(
+            f"the search uses the ptb task but no data directory is set: put ptb_dir in the config or set "
+            f"{PTB_ENV} to a directory holding ptb.train.txt, ptb.valid.txt and ptb.test.txt "
+            f"(Mikolov's split, e.g. from http://www.fit.vutbr.cz/~imikolov/rnnlm/simple-examples.tgz, data/)")
+    if not (Path(path) / "ptb.train.txt").is_file():
+        raise UserError(f"no ptb.train.txt in the PTB directory {path}")
+    return str(path)
