@@ -125,6 +125,16 @@ def _check_constant(value: Any, node: str, key: str) -> float:
 
 def _make_node(name: str, raw: Any) -> Node:
     if isinstance(raw, Node):
+        # Fast path for nodes taken from another spec (the mutation engine's case): same rules,
+        # without the round trip through plain data.
+        if raw.op in ARITY and isinstance(raw.inputs, tuple) and all(type(i) is str and _NAME.fullmatch(i) for i in raw.inputs):
+            low, high = ARITY[raw.op]
+            if low <= len(raw.inputs) and (high is None or len(raw.inputs) <= high) and (
+                raw.op != "linear" or len(set(raw.inputs)) == len(raw.inputs)
+            ) and (raw.op == "linear" or (raw.bias == 0.0 and raw.diag == 0.0)) and all(
+                type(v) is float and math.isfinite(v) and abs(v) <= MAX_CONSTANT for v in (raw.bias, raw.diag)
+            ):
+                return raw
         raw = raw.to_dict()
     if not isinstance(raw, Mapping):
         raise CellSpecError(f"node {name!r}: expected a mapping with 'op' and 'inputs', got {type(raw).__name__}")
@@ -216,23 +226,24 @@ class CellSpec:
         graph.add_nodes_from(inputs)
         graph.add_nodes_from(nodes)
         graph.add_edges_from((operand, name) for name, node in nodes.items() for operand in node.inputs)
-        if not nx.is_directed_acyclic_graph(graph):
+        # Deterministic topological order (ties by name) gives a stable file layout; the sort
+        # also detects cycles. Dead nodes never delay a live one (a live node's ancestors are
+        # all live), so filtering the full order gives the order of the pruned graph.
+        try:
+            full_order = list(nx.lexicographical_topological_sort(graph))
+        except nx.NetworkXUnfeasible:
             cycle = nx.find_cycle(graph)
-            raise CellSpecError(f"node {cycle[0][1]!r}: the graph has a cycle ({' -> '.join(e[0] for e in cycle)} -> {cycle[0][0]})")
+            raise CellSpecError(f"node {cycle[0][1]!r}: the graph has a cycle ({' -> '.join(e[0] for e in cycle)} -> {cycle[0][0]})") from None
         # Pruning: a node that reaches no output computes nothing the cell returns.
         # A sink fed by every output finds all live values in one traversal.
         sink = ("outputs",)  # a tuple can never clash with a (string) value name
         graph.add_edges_from((target, sink) for target in outputs.values())
         live = nx.ancestors(graph, sink)
-        graph.remove_node(sink)
-        nodes = {n: v for n, v in nodes.items() if n in live}
         for name in inputs:
             if name not in live:
                 what = "the input" if name == INPUT else "state"
                 raise CellSpecError(f"{what} {name!r} is never read by a node that reaches an output")
-        graph.remove_nodes_from([n for n in list(graph) if n not in live and n not in inputs])
-        # Deterministic topological order (ties by name) gives a stable file layout.
-        order = tuple(n for n in nx.lexicographical_topological_sort(graph) if n in nodes)
+        order = tuple(n for n in full_order if n in live and n in nodes)
         object.__setattr__(self, "states", states)
         object.__setattr__(self, "nodes", MappingProxyType({n: nodes[n] for n in order}))
         object.__setattr__(self, "outputs", MappingProxyType(outputs))
