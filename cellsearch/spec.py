@@ -266,6 +266,11 @@ class CellSpec:
     def __hash__(self) -> int:
         return hash(self._hash)
 
+    def __reduce__(self):
+        # Read-only mappings do not pickle; the plain-data form does, and rebuilding
+        # re-validates, so a spec shipped to a worker is as trustworthy as one built locally.
+        return (CellSpec.from_dict, (self.to_dict(),))
+
     def __repr__(self) -> str:
         label = f"{self.name!r}, " if self.name else ""
         return f"CellSpec({label}{len(self.nodes)} nodes, states={list(self.states)}, hash={self.short_hash})"

@@ -361,3 +361,14 @@ def test_cli_show_rejects_bad_input_without_traceback(tmp_path):
     assert "unknown op" in result.stderr and "Traceback" not in result.stderr
     result = _run_cli("show", "no_such_cell")
     assert result.returncode == 2 and "neither a reference cell" in result.stderr
+
+
+def test_specs_pickle_and_deepcopy():
+    import copy
+    import pickle
+
+    for name in zoo.names():
+        spec = zoo.get(name)
+        again = pickle.loads(pickle.dumps(spec))
+        assert again == spec and again.to_dict() == spec.to_dict() and again.name == spec.name
+        assert copy.deepcopy(spec).to_dict() == spec.to_dict()
