@@ -35,3 +35,19 @@ def ptb_dir() -> Path:
     if not (PTB_DIR / "ptb.train.txt").exists():
         pytest.fail(f"Penn Treebank data not found at {PTB_DIR}; set CELLSEARCH_PTB_DIR")
     return PTB_DIR
+
+
+@pytest.fixture(scope="session")
+def ray_address():
+    """A local Ray instance shared by the whole test session (2 CPUs, no dashboard); its GCS address.
+
+    Started once because starting Ray costs about ten seconds on 2 cores. CLI tests attach
+    their driver subprocesses to it with ``--address``.
+    """
+    ray = pytest.importorskip("ray")
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    yield ray.get_runtime_context().gcs_address
+    if started:
+        ray.shutdown()

@@ -56,7 +56,8 @@ class SearchConfig:
     settings_per_unit: int = option(5, "settings trained one after another inside one unit of work",
                                     check=lambda v: v >= 1, rule=">= 1")
     initial_cells: tuple[str, ...] = option(("gru", "lstm"), "reference cells the population starts with",
-                                            check=lambda v: len(v) > 0, rule="a non-empty list")
+                                            check=lambda v: len(v) > 0 and len(set(v)) == len(v),
+                                            rule="a non-empty list without repeats")
     reference_cell: str = option("gru", "scores are ratios to this cell's best (it must be an initial cell)")
     reevaluate_probability: float = option(0.1, "chance that a step re-evaluates a member instead of mutating one",
                                            check=_probability, rule="between 0 and 1")
@@ -89,14 +90,24 @@ class SearchConfig:
     ptb_dir: str | None = option(None, f"Penn Treebank directory (null: ${PTB_ENV})")
 
     def __post_init__(self) -> None:
+        from cellsearch import zoo
+        from cellsearch.mutation import MutationConfig
+        from cellsearch.tasks import task_names
+
+        known_tasks = task_names()
+        for key, names in (("tasks", self.tasks), ("memorize_task", (self.memorize_task,) if self.memorize_task else ())):
+            unknown = [name for name in names if name not in known_tasks]
+            if unknown:
+                raise ConfigError(f"{key}: unknown task {', '.join(unknown)}; known: {', '.join(known_tasks)}")
+        unknown = [name for name in self.initial_cells if name not in zoo.names()]
+        if unknown:
+            raise ConfigError(f"initial_cells: unknown cell {', '.join(unknown)}; known: {', '.join(zoo.names())}")
+        from_mapping(MutationConfig, dict(self.mutation), prefix="mutation.")
         if self.reference_cell not in self.initial_cells:
             raise ConfigError(f"reference_cell: {self.reference_cell!r} is not one of initial_cells "
                               f"{list(self.initial_cells)}")
         if self.memorize_task is not None and self.memorize_task in self.tasks:
             raise ConfigError(f"memorize_task: {self.memorize_task!r} is also a scored task")
-        if self.max_steps is None and self.max_evaluations is None and self.max_wall_clock_s is None:
-            # An unbounded search is legitimate on a cluster (stop it with Ctrl-C); nothing to check.
-            pass
 
     @property
     def all_tasks(self) -> tuple[str, ...]:

@@ -1,0 +1,25 @@
+"""``cellsearch resume RUN_DIR``: continue a stopped or killed search where it left off."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from cellsearch.commands.search import add_execution_arguments, run_search
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "resume", help="continue a stopped or killed search",
+        description="Continue the search in RUN_DIR: committed evaluations are kept, unfinished units re-run, "
+                    "the population and random streams continue. --max-steps extends a finished search.")
+    parser.add_argument("run_dir", metavar="RUN_DIR", help="run directory made by `cellsearch search`")
+    add_execution_arguments(parser)
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from cellsearch.search.run import open_run
+
+    config, storage = open_run(args.run_dir, max_steps=args.max_steps)
+    return run_search(config, storage, Path(args.run_dir), args)

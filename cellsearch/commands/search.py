@@ -1,0 +1,128 @@
+"""``cellsearch search CONFIG``: start an evolutionary search (see :mod:`cellsearch.search`)."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+from cellsearch.config import describe
+
+__all__ = ["register", "run", "ProgressBar", "add_execution_arguments", "run_search", "print_top"]
+
+
+def add_execution_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options shared by ``search`` and ``resume``: where units run and how long the search is."""
+    parser.add_argument("--workers", type=int, metavar="N",
+                        help="CPUs of the embedded local Ray instance (default: all of this machine's)")
+    parser.add_argument("--address", metavar="ADDR",
+                        help="attach to a running Ray cluster ('auto' or host:port; RAY_ADDRESS works too)")
+    parser.add_argument("--executor", choices=("ray", "serial"), default="ray",
+                        help="'serial' runs units in this process, one at a time (debugging)")
+    parser.add_argument("--max-steps", type=int, metavar="N", help="search steps to run in all (overrides the config)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only)")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    from cellsearch.search.config import SearchConfig
+
+    parser = subparsers.add_parser(
+        "search", help="start an evolutionary search", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Start an evolutionary search described by a YAML config (see search_configs/).",
+        epilog="config keys:\n" + describe(SearchConfig))
+    parser.add_argument("config", help="search config file (YAML)")
+    parser.add_argument("--run-dir", metavar="DIR", help="run directory (default runs/<config name>-<UTC time>)")
+    parser.add_argument("--storage", metavar="URL", help="SQLAlchemy URL of the run database (default: SQLite in "
+                        "the run directory)")
+    parser.add_argument("--seed", type=int, help="run seed (overrides the config)")
+    add_execution_arguments(parser)
+    parser.set_defaults(func=run)
+
+
+class ProgressBar:
+    """A tqdm bar over search steps with units, in-flight count, cells evaluated and best score."""
+
+    def __init__(self, total: int | None, initial: int, enabled: bool = True):
+        from tqdm import tqdm
+
+        self._bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, mininterval=1.0,
+                         disable=not enabled, file=sys.stderr, smoothing=0.1)
+        self._started = time.monotonic()
+        self._units_at_start: int | None = None
+
+    def __call__(self, progress) -> None:
+        if self._units_at_start is None:
+            # The rate counts from the first report, after Ray and the data sets are up.
+            self._units_at_start = progress.units_done
+            self._started = time.monotonic()
+        self._bar.update(progress.steps_done - self._bar.n)
+        minutes = max(time.monotonic() - self._started, 1e-9) / 60
+        best = "-" if math.isnan(progress.best_score) else f"{progress.best_score:.3f}"
+        self._bar.set_postfix_str(
+            f"units {progress.units_done} done/{progress.in_flight} running "
+            f"({(progress.units_done - self._units_at_start) / minutes:.1f}/min), "
+            f"cells evaluated {progress.cells_evaluated}, best {best}", refresh=False)
+
+    def close(self) -> None:
+        self._bar.close()
+
+
+def print_top(run_dir: Path, n: int = 10) -> None:
+    """The top-``n`` table printed at the end of ``search`` and ``resume``."""
+    from cellsearch.results import load_run
+
+    results = load_run(run_dir)
+    try:
+        top = results.top(n)
+        reference = results.reference_best()
+    finally:
+        results.close()
+    print(f"\ntop {min(n, len(top))} cells (score = min over tasks of best / current {results.config.reference_cell} "
+          f"best; {results.config.reference_cell} best: "
+          + ", ".join(f"{task} {value:.4f}" for task, value in reference.items()) + ")")
+    if top.empty:
+        print("(no cell has been evaluated on every task yet)")
+        return
+    columns = ["short_hash", "name", "status", "step_created", "nodes", *[f"best_{t}" for t in results.tasks],
+               "score"]
+    table = top[columns].assign(name=top["name"].fillna("-"))
+    print(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+
+
+def run_search(config, storage, run_dir: Path, args: argparse.Namespace) -> int:
+    """Drive a created or reopened run to its end and print the summary (shared with ``resume``)."""
+    from cellsearch.search.run import drive, make_executor
+
+    log = lambda message: print(message, file=sys.stderr)  # noqa: E731
+    counts = storage.counts()
+    bar = ProgressBar(config.max_steps, counts["search_steps_done"], enabled=not args.no_progress)
+    try:
+        executor = make_executor(config, args.executor, workers=args.workers, address=args.address)
+        progress, stop_mode = drive(config, storage, executor, on_progress=bar, log=log)
+    finally:
+        bar.close()
+        storage.close()
+    print(f"run directory: {run_dir}")
+    print(f"steps {progress.steps_done}, units {progress.units_done}, evaluations {progress.evaluations}, "
+          f"cells evaluated {progress.cells_evaluated}")
+    print_top(run_dir)
+    if stop_mode is not None:
+        print(f"\nstopped before the end; continue with: cellsearch resume {run_dir}")
+        return 130
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    from cellsearch.search.config import load_search_config
+    from cellsearch.search.run import create_run
+
+    config = load_search_config(args.config).with_overrides(storage=args.storage, seed=args.seed,
+                                                            max_steps=args.max_steps)
+    run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / (
+        f"{Path(args.config).stem}-{datetime.now(timezone.utc).strftime('%Y%m%d-%H%M%S')}")
+    config, storage = create_run(config, run_dir)
+    print(f"run directory: {run_dir}", file=sys.stderr)
+    return run_search(config, storage, run_dir, args)

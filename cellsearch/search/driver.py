@@ -1,0 +1,605 @@
+"""The search driver: the paper's evolutionary loop as an asynchronous state machine.
+
+A *step* (one row of ``cs_steps``) is one of
+
+``seed``
+    an initial cell (GRU, LSTM) trained with K settings on every task; the
+    population starts when every seed step is done;
+``reevaluate``
+    a random population member trained with K more settings on every task;
+``mutate``
+    a child of a selected member: skipped when the deduplicator has seen it,
+    then memorisation (``memorize_settings`` settings, must reach
+    ``memorize_threshold``), then each task in order with K settings, stopping
+    as soon as its best on a task is below ``early_stop_fraction`` x the
+    reference cell's best; a child that passes every task enters the
+    population when its score beats the worst member (``aging``: always, the
+    oldest member leaves).
+
+A step advances through *stages*; a stage trains some tasks with some
+settings, split into units of at most ``settings_per_unit`` settings. Many
+steps are active at once: the driver keeps up to ``max_in_flight`` units
+running, starts a new step whenever there is room and reacts to each finished
+unit as it arrives. There is no generation barrier.
+
+Score: min over tasks of (cell's best on the task / reference cell's best on
+the task), always against the reference cell's *current* best, which rises as
+it is re-evaluated.
+
+Everything the driver knows is rebuilt from the database at start, so a
+fresh search and a resumed one run the same code: units planned but not
+committed are re-run with the same settings, Optuna trials that were asked but
+never recorded in a unit are closed as FAIL, and trials of committed units
+that Optuna did not hear about are told.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+import numpy as np
+
+from cellsearch import zoo
+from cellsearch.search import seeds
+from cellsearch.search.config import SearchConfig
+from cellsearch.search.executors import Completion
+from cellsearch.search.storage import PARAMETER_WIDTH, RunStorage, tune_sqlite
+from cellsearch.search.units import SettingSpec, UnitSpec
+from cellsearch.spec import CellSpec, CellSpecError
+
+__all__ = ["SearchDriver", "Stage", "stages_for", "study_name", "Progress", "score_of"]
+
+#: A unit lost to system failures (worker or node death after Ray's own retries) is resubmitted this often.
+_RESUBMISSIONS = 2
+
+
+@dataclass(frozen=True)
+class Stage:
+    """Part of a step: train ``tasks`` with ``settings`` settings each, then apply ``gate``."""
+
+    tasks: tuple[str, ...]
+    settings: int
+    gate: str  # none | memorize | ratio
+
+
+def stages_for(kind: str, config: SearchConfig) -> list[Stage]:
+    """The stages of a step of ``kind`` (seed, reevaluate, mutate)."""
+    if kind in ("seed", "reevaluate"):
+        return [Stage(config.tasks, config.settings_per_task, "none")]
+    memorize = [Stage((config.memorize_task,), config.memorize_settings, "memorize")] if config.memorize_task else []
+    return memorize + [Stage((task,), config.settings_per_task, "ratio") for task in config.tasks]
+
+
+def study_name(cell_hash: str, task: str) -> str:
+    """The Optuna study holding a cell's trials on a task."""
+    return f"{cell_hash}/{task}"
+
+
+def score_of(best: Mapping[tuple[str, str], float], cell_hash: str, reference_hash: str,
+             tasks: tuple[str, ...]) -> float:
+    """min over tasks of best / reference best; NaN when the cell lacks a task."""
+    ratios = []
+    for task in tasks:
+        if (cell_hash, task) not in best:
+            return math.nan
+        ratios.append(best[(cell_hash, task)] / max(best.get((reference_hash, task), 0.0), 1e-12))
+    return min(ratios)
+
+
+@dataclass
+class Progress:
+    """What the progress bar shows."""
+
+    steps_done: int = 0
+    units_done: int = 0
+    in_flight: int = 0
+    evaluations: int = 0
+    cells_evaluated: int = 0
+    best_score: float = math.nan
+    best_cell: str | None = None
+    #: Seconds this session's driver loop spent on its own work (planning, committing, Optuna), not
+    #: waiting for units; start-up (reading tasks, rebuilding state) is not included.
+    driver_seconds: float = 0.0
+    #: Units committed in this session.
+    session_units: int = 0
+
+
+@dataclass
+class _ActiveStep:
+    step: int
+    kind: str
+    cell_hash: str
+    parent_hash: str | None
+    stage: int
+    units: dict[int, dict[str, Any]] = field(default_factory=dict)  # unit id -> {stage, task, status, settings}
+
+
+class SearchDriver:
+    """Runs (or continues) the search stored in ``storage`` on ``executor``; see the module docstring."""
+
+    def __init__(self, config: SearchConfig, storage: RunStorage, executor, load_task: Callable[[str], Any],
+                 on_progress: Callable[[Progress], None] | None = None, log: Callable[[str], None] | None = None):
+        import optuna
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        self.config = config
+        self.storage = storage
+        self.executor = executor
+        self._load_task = load_task
+        self._tasks: dict[str, Any] = {}
+        self._on_progress = on_progress or (lambda progress: None)
+        self._log = log or (lambda message: None)
+        self._optuna = optuna
+        self.optuna_storage = optuna.storages.RDBStorage(storage.url)
+        tune_sqlite(self.optuna_storage.engine)
+        self._studies: dict[str, Any] = {}
+        self.reference_hash = zoo.get(config.reference_cell).hash
+        self.stop_mode: str | None = None
+        self._ready: deque[int] = deque()
+        self._in_flight: set[int] = set()
+        self._unit_step: dict[int, int] = {}
+        self._unit_specs: dict[int, UnitSpec] = {}
+        self._unit_submissions: dict[int, int] = {}
+        self.progress = Progress()
+
+    # -- public -------------------------------------------------------------------------------------------------
+
+    def request_stop(self, mode: str) -> None:
+        """``drain``: start nothing new, let running units finish; ``abandon``: stop now (units re-run on resume)."""
+        if mode == "abandon" or self.stop_mode is None:
+            self.stop_mode = mode
+
+    def run(self) -> Progress:
+        """Drive the search until its length is reached or a stop is requested."""
+        self._started = time.monotonic()
+        # Read every task (and put its data in the object store) before the loop, not mid-search.
+        for name in self.config.all_tasks:
+            self._task(name)
+        if hasattr(self.executor, "prepare"):
+            self.executor.prepare(self.config.all_tasks)
+        self._rebuild()
+        self._create_seed_steps()
+        for step in sorted(self._active):
+            self._advance(self._active[step])
+        limit = self._max_in_flight()
+        loop_started = time.monotonic()
+        waited = 0.0
+        try:
+            while True:
+                if self.stop_mode is None:
+                    self._start_steps(limit)
+                if self.stop_mode == "abandon":
+                    break
+                if self.stop_mode is None:
+                    self._dispatch(limit)
+                if not self._in_flight:
+                    if self.stop_mode is not None or (not self._ready and not self._can_start_step()):
+                        break
+                    if not self._ready:
+                        continue
+                wait_started = time.monotonic()
+                completions = self.executor.wait(timeout=0.5)
+                waited += time.monotonic() - wait_started
+                for completion in completions:
+                    self._complete(completion)
+                self._report()
+        finally:
+            self.progress.driver_seconds = time.monotonic() - loop_started - waited
+            self._report()
+        return self.progress
+
+    # -- rebuilding state from storage --------------------------------------------------------------------------
+
+    def _rebuild(self) -> None:
+        from cellsearch.dedup import Deduplicator
+
+        cells = self.storage.cells()
+        self._specs = {row["hash"]: row["spec_json"] for row in cells}
+        self._dedup = Deduplicator.from_specs(
+            CellSpec.from_dict(json.loads(row["spec_json"])) for row in cells if row["rejected_by"] != "duplicate")
+        members = {row["hash"] for row in cells if row["status"] == "population"}
+        self._population = {h: s for h, s in self.storage.population_entries().items() if h in members}
+        self._best = self.storage.best_scores()
+        counts = self.storage.counts()
+        self.progress.units_done = counts["units_done"]
+        self.progress.evaluations = counts["evaluations"]
+        self.progress.cells_evaluated = counts["cells_evaluated"]
+        self.progress.steps_done = counts["search_steps_done"]
+        self._steps_started = counts["search_steps"]
+        self._tell_committed_units()
+        self._active: dict[int, _ActiveStep] = {}
+        for row in self.storage.active_steps():
+            active = _ActiveStep(row["step"], row["kind"], row["cell_hash"], row["parent_hash"], row["stage"])
+            for unit in self.storage.units_of_step(row["step"]):
+                active.units[unit["unit_id"]] = {"stage": unit["stage"], "task": unit["task"],
+                                                 "status": unit["status"],
+                                                 "settings": json.loads(unit["settings_json"])}
+            self._active[active.step] = active
+        for active in self._active.values():
+            self._close_orphan_trials(active)
+            for unit_id, unit in sorted(active.units.items()):
+                if unit["status"] == "pending":
+                    self._enqueue(active, unit_id, unit)
+
+    def _tell_committed_units(self) -> None:
+        """Optuna learns the results of units committed just before a crash."""
+        for unit in self.storage.untold_units():
+            study = self._study(unit["cell_hash"], unit["task"])
+            for evaluation in self.storage.evaluations_of_unit(unit["unit_id"]):
+                self._tell(study, evaluation["trial_number"], evaluation["status"], evaluation["score"])
+            self.storage.mark_told(unit["unit_id"])
+
+    def _close_orphan_trials(self, active: _ActiveStep) -> None:
+        """Trials asked for a unit that was never recorded: close them as FAIL (their stage is re-planned)."""
+        from optuna.trial import TrialState
+
+        referenced: dict[str, set[int]] = {}
+        for other in self._active.values():
+            if other.cell_hash != active.cell_hash:
+                continue
+            for unit in other.units.values():
+                referenced.setdefault(unit["task"], set()).update(s["trial_number"] for s in unit["settings"])
+        for task in self.config.all_tasks:
+            name = study_name(active.cell_hash, task)
+            try:
+                study = self._study(active.cell_hash, task, create=False)
+            except KeyError:
+                continue
+            for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+                if trial.number not in referenced.get(task, set()):
+                    self._log(f"closing trial {trial.number} of {name}: asked but never recorded in a unit")
+                    study.tell(trial.number, state=TrialState.FAIL)
+
+    # -- steps --------------------------------------------------------------------------------------------------
+
+    def _create_seed_steps(self) -> None:
+        """The first steps of a run, one per initial cell (those a crash kept from being recorded)."""
+        for step in range(self.storage.counter("next_step"), len(self.config.initial_cells)):
+            name = self.config.initial_cells[step]
+            spec = zoo.get(name)
+            self._dedup.add(spec)
+            self.storage.start_step(step, "seed", spec.hash, None, self._cell_row(spec, step, name=name))
+            self._specs[spec.hash] = spec.to_json()
+            self._active[step] = _ActiveStep(step, "seed", spec.hash, None, 0)
+
+    def _cell_row(self, spec: CellSpec, step: int, name: str | None = None, parent: str | None = None,
+                  mutation: Mapping[str, Any] | None = None, status: str = "evaluating",
+                  rejected_by: str | None = None, duplicate_of: str | None = None) -> dict[str, Any]:
+        return {"hash": spec.hash, "name": name or spec.name, "spec_json": spec.to_json(), "parent_hash": parent,
+                "mutation_json": json.dumps(mutation, default=str) if mutation is not None else None,
+                "step_created": step, "node_count": len(spec.nodes),
+                "params_per_width": spec.parameter_count(PARAMETER_WIDTH) / PARAMETER_WIDTH ** 2, "status": status, "rejected_by": rejected_by,
+                "duplicate_of": duplicate_of}
+
+    def _seeds_done(self) -> bool:
+        return not any(active.kind == "seed" for active in self._active.values())
+
+    def _can_start_step(self) -> bool:
+        config = self.config
+        if self.stop_mode is not None or not self._seeds_done() or not self._population:
+            return False
+        if config.max_steps is not None and self._steps_started >= config.max_steps:
+            return False
+        if config.max_evaluations is not None and self.progress.evaluations >= config.max_evaluations:
+            return False
+        if config.max_wall_clock_s is not None and time.monotonic() - self._started >= config.max_wall_clock_s:
+            return False
+        return True
+
+    def _start_steps(self, limit: int) -> None:
+        # Bounded per call so that a run of duplicate candidates cannot starve the completion loop.
+        for _ in range(4 * limit):
+            if len(self._in_flight) + len(self._ready) >= limit or not self._can_start_step():
+                return
+            self._start_step()
+
+    def _start_step(self) -> None:
+        from cellsearch.config import from_mapping
+        from cellsearch.mutation import MutationConfig, MutationError, mutate
+
+        step = self.storage.counter("next_step")
+        rng = seeds.generator(self.config.seed, seeds.STEP_STREAM, step)
+        self._steps_started += 1
+        if rng.random() < self.config.reevaluate_probability:
+            member = self._select(rng)
+            self.storage.start_step(step, "reevaluate", member, None, None)
+            active = _ActiveStep(step, "reevaluate", member, None, 0)
+            self._active[step] = active
+            self._advance(active)
+            return
+        parent_hash = self._select(rng)
+        parent = self._spec(parent_hash)
+        mutation_config = from_mapping(MutationConfig, dict(self.config.mutation))
+        try:
+            mutation = mutate(parent, rng, mutation_config)
+        except (CellSpecError, MutationError) as error:
+            self._log(f"step {step}: mutation of {parent_hash[:12]} failed ({error})")
+            self.storage.start_step(step, "mutate", parent_hash, parent_hash, None, finished_outcome="mutation_failed")
+            self.progress.steps_done += 1
+            return
+        child = mutation.child
+        record = mutation.to_dict()
+        check = self._dedup.check(child)
+        if not check.is_new:
+            new_cell = None
+            if child.hash not in self._specs:
+                new_cell = self._cell_row(child, step, parent=parent_hash, mutation=record, status="rejected",
+                                          rejected_by="duplicate", duplicate_of=check.match)
+                self._specs[child.hash] = child.to_json()
+            self.storage.start_step(step, "mutate", child.hash, parent_hash, new_cell,
+                                    finished_outcome=f"duplicate:{check.kind}")
+            self.progress.steps_done += 1
+            return
+        self._dedup.add(child)
+        self._specs[child.hash] = child.to_json()
+        self.storage.start_step(step, "mutate", child.hash, parent_hash,
+                                self._cell_row(child, step, parent=parent_hash, mutation=record))
+        active = _ActiveStep(step, "mutate", child.hash, parent_hash, 0)
+        self._active[step] = active
+        self._advance(active)
+
+    def _members(self) -> list[str]:
+        return sorted(self._population)
+
+    def _score(self, cell_hash: str) -> float:
+        return score_of(self._best, cell_hash, self.reference_hash, self.config.tasks)
+
+    def _select(self, rng: np.random.Generator) -> str:
+        """A parent (or a member to re-evaluate): uniform, or the best of a random tournament."""
+        members = self._members()
+        if self.config.selection == "uniform":
+            return members[int(rng.integers(len(members)))]
+        size = min(self.config.tournament_size, len(members))
+        contestants = [members[i] for i in rng.choice(len(members), size=size, replace=False)]
+        return max(contestants, key=lambda h: (_finite(self._score(h)), h))
+
+    def _spec(self, cell_hash: str) -> CellSpec:
+        return CellSpec.from_dict(json.loads(self._specs[cell_hash]))
+
+    # -- stages and units ---------------------------------------------------------------------------------------
+
+    def _advance(self, active: _ActiveStep) -> None:
+        """Do the next thing for a step: plan its current stage, or pass its gate when the stage is done."""
+        stages = stages_for(active.kind, self.config)
+        while True:
+            units = [u for u in active.units.values() if u["stage"] == active.stage]
+            if not units:
+                self._plan_stage(active, stages[active.stage])
+                units = [u for u in active.units.values() if u["stage"] == active.stage]
+            if any(u["status"] == "pending" for u in units):
+                return
+            stage = stages[active.stage]
+            failed = self._gate(active, stage)
+            if failed is not None:
+                self._finish(active, rejected_by=failed)
+                return
+            if active.stage + 1 == len(stages):
+                self._finish(active, rejected_by=None)
+                return
+            active.stage += 1
+            self.storage.set_stage(active.step, active.stage)
+
+    def _plan_stage(self, active: _ActiveStep, stage: Stage) -> None:
+        """Ask Optuna for the stage's settings, record its units (one transaction), queue them."""
+        from cellsearch.hparams import make_sampler, sample_settings
+
+        rows = []
+        for task_name in stage.tasks:
+            task_index = self.config.all_tasks.index(task_name)
+            sampler_seed = seeds.derived_seed(self.config.seed, seeds.SAMPLER_STREAM, active.step, active.stage,
+                                              task_index)
+            study = self._study(active.cell_hash, task_name, sampler=make_sampler(self.config.sampler, sampler_seed))
+            if active.kind == "mutate" and stage.gate == "ratio" and self.config.seed_from_parent:
+                self._enqueue_parent_settings(study, active.parent_hash, task_name)
+            space = self._task(task_name).space_for(self.config.budget_profile)
+            pairs = sample_settings(study, space, stage.settings)
+            settings = [SettingSpec(trial.number, setting.to_dict(),
+                                    seeds.derived_seed(self.config.seed, seeds.TRAIN_STREAM,
+                                                       seeds.hash_key(active.cell_hash), task_index, trial.number))
+                        for trial, setting in pairs]
+            group = self.config.settings_per_unit
+            groups = [settings[i:i + group] for i in range(0, len(settings), group)] or [[]]
+            for slot, chunk in enumerate(groups):
+                rows.append({"step": active.step, "stage": active.stage, "cell_hash": active.cell_hash,
+                             "task": task_name, "slot": slot,
+                             "settings_json": json.dumps([s.to_dict() for s in chunk])})
+        ids = self.storage.add_units(rows)
+        for unit_id, row in zip(ids, rows):
+            unit = {"stage": row["stage"], "task": row["task"], "status": "pending",
+                    "settings": json.loads(row["settings_json"])}
+            active.units[unit_id] = unit
+            if not unit["settings"]:
+                # The space is used up for this cell and task: nothing to train, the unit is done at once.
+                self._complete(Completion(unit_id, [], {}), active=active, advance=False)
+            else:
+                self._enqueue(active, unit_id, unit)
+
+    def _enqueue_parent_settings(self, study, parent_hash: str | None, task: str) -> None:
+        from optuna.trial import TrialState
+
+        if parent_hash is None:
+            return
+        try:
+            parent_study = self._study(parent_hash, task, create=False)
+        except KeyError:
+            return
+        trials = [t for t in parent_study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+                  if t.value is not None]
+        trials.sort(key=lambda t: (-t.value, t.number))
+        for trial in trials[: self.config.seed_from_parent]:
+            study.enqueue_trial(dict(trial.params), skip_if_exists=True)
+
+    def _enqueue(self, active: _ActiveStep, unit_id: int, unit: Mapping[str, Any]) -> None:
+        resources = self.config.resources
+        self._unit_specs[unit_id] = UnitSpec(
+            unit_id=unit_id, cell=json.loads(self._specs[active.cell_hash]), task=unit["task"],
+            budget_profile=self.config.budget_profile,
+            settings=tuple(SettingSpec.from_dict(s) for s in unit["settings"]), device=self.config.device,
+            num_threads=max(1, int(resources.num_cpus)))
+        self._unit_step[unit_id] = active.step
+        self._ready.append(unit_id)
+
+    def _dispatch(self, limit: int) -> None:
+        while self._ready and len(self._in_flight) < limit:
+            unit_id = self._ready.popleft()
+            self.executor.submit(self._unit_specs[unit_id])
+            self._in_flight.add(unit_id)
+            self._unit_submissions[unit_id] = self._unit_submissions.get(unit_id, 0) + 1
+        self.progress.in_flight = len(self._in_flight)
+
+    def _complete(self, completion: Completion, active: _ActiveStep | None = None, advance: bool = True) -> None:
+        """Commit a finished unit (one transaction), tell Optuna, and move its step on."""
+        unit_id = completion.unit_id
+        self._in_flight.discard(unit_id)
+        active = active or self._active[self._unit_step[unit_id]]
+        unit = active.units[unit_id]
+        if completion.results is None and completion.system_failure:
+            if self.stop_mode is None and self._unit_submissions.get(unit_id, 0) <= _RESUBMISSIONS:
+                self._log(f"unit {unit_id} lost ({completion.error}); submitting it again")
+                self._ready.appendleft(unit_id)
+            return
+        if completion.results is None:
+            self._log(f"unit {unit_id} ({active.cell_hash[:12]} on {unit['task']}) failed; its settings score 0:\n"
+                      f"{completion.error}")
+        rows = []
+        for index, setting in enumerate(unit["settings"]):
+            result = completion.results[index] if completion.results is not None else None
+            rows.append(self._evaluation_row(setting, result, completion))
+        self.storage.commit_unit(unit_id, active.step, active.cell_hash, unit["task"], rows)
+        unit["status"] = "done"
+        study = self._study(active.cell_hash, unit["task"])
+        for row in rows:
+            self._tell(study, row["trial_number"], row["status"], row["score"])
+            key = (active.cell_hash, unit["task"])
+            self._best[key] = max(self._best.get(key, -math.inf), row["score"])
+        self.storage.mark_told(unit_id)
+        self._unit_specs.pop(unit_id, None)
+        self.progress.units_done += 1
+        self.progress.session_units += 1
+        self.progress.evaluations += len(rows)
+        if advance:
+            self._advance(active)
+
+    def _evaluation_row(self, setting: Mapping[str, Any], result: Mapping[str, Any] | None,
+                        completion: Completion) -> dict[str, Any]:
+        worker = completion.worker or {}
+        row = {"trial_number": setting["trial_number"], "params_json": json.dumps(setting["hparams"]),
+               "seed": setting["seed"], "node_id": worker.get("node_id"), "worker_pid": worker.get("worker_pid"),
+               "hostname": worker.get("hostname")}
+        if result is None:
+            return {**row, "score": 0.0, "status": "error", "duration_s": None, "train_steps": None, "epochs": None,
+                    "metrics_json": json.dumps({"error": (completion.error or "")[-2000:]}), "curve_json": None}
+        score = float(result.get("score", 0.0))
+        return {**row, "score": score if math.isfinite(score) else 0.0, "status": str(result.get("status", "ok")),
+                "duration_s": result.get("duration_s"), "train_steps": result.get("steps"),
+                "epochs": result.get("epochs"), "metrics_json": json.dumps(result.get("metrics", {}), default=float),
+                "curve_json": json.dumps(result.get("curve"), default=float)}
+
+    def _tell(self, study, trial_number: int, status: str, score: float) -> None:
+        from optuna.trial import TrialState
+
+        # skip_if_finished: a trial told just before a crash is not told again on resume.
+        if status == "error":
+            study.tell(trial_number, state=TrialState.FAIL, skip_if_finished=True)
+        else:
+            study.tell(trial_number, score, skip_if_finished=True)
+
+    # -- gates and outcomes -------------------------------------------------------------------------------------
+
+    def _gate(self, active: _ActiveStep, stage: Stage) -> str | None:
+        """None when the step may go on; otherwise the name of the filter that stopped it."""
+        if stage.gate == "memorize":
+            task = stage.tasks[0]
+            if self._best.get((active.cell_hash, task), 0.0) < self.config.memorize_threshold:
+                return task
+        elif stage.gate == "ratio":
+            task = stage.tasks[0]
+            reference = self._best.get((self.reference_hash, task), 0.0)
+            if self._best.get((active.cell_hash, task), 0.0) < self.config.early_stop_fraction * reference:
+                return task
+        return None
+
+    def _finish(self, active: _ActiveStep, rejected_by: str | None) -> None:
+        cell = active.cell_hash
+        updates: dict[str, dict[str, Any]] = {}
+        changes: list[tuple[str, str, float | None]] = []
+        if active.kind == "seed":
+            outcome = "seeded"
+            updates[cell] = {"status": "population"}
+            changes.append((cell, "enter", self._score(cell)))
+        elif active.kind == "reevaluate":
+            outcome = "reevaluated"
+        elif rejected_by is not None:
+            outcome = f"rejected:{rejected_by}"
+            updates[cell] = {"status": "rejected", "rejected_by": rejected_by}
+        else:
+            outcome, updates, changes = self._admit(active, cell)
+        self.storage.finish_step(active.step, outcome, updates, changes)
+        for cell_hash, action, _ in changes:
+            if action == "enter":
+                self._population[cell_hash] = active.step
+            else:
+                self._population.pop(cell_hash, None)
+        if active.kind != "reevaluate":
+            self.progress.cells_evaluated += 1
+        if active.kind != "seed":
+            self.progress.steps_done += 1
+        del self._active[active.step]
+
+    def _admit(self, active: _ActiveStep, cell: str):
+        """A candidate that passed every filter: does it enter the population, and who leaves?"""
+        score = self._score(cell)
+        members = self._members()
+        full = len(members) >= self.config.population_size
+        if self.config.selection == "aging":
+            leaving = min(members, key=lambda h: (self._population[h], h)) if full else None
+        else:
+            leaving = min(members, key=lambda h: (_finite(self._score(h)), h)) if full else None
+            if leaving is not None and not score > self._score(leaving):
+                return "evaluated", {cell: {"status": "evaluated"}}, []
+        updates = {cell: {"status": "population"}}
+        changes = [(cell, "enter", score)]
+        if leaving is not None:
+            updates[leaving] = {"status": "evaluated"}
+            changes.append((leaving, "leave", self._score(leaving)))
+        return "entered", updates, changes
+
+    # -- helpers ------------------------------------------------------------------------------------------------
+
+    def _task(self, name: str):
+        if name not in self._tasks:
+            self._tasks[name] = self._load_task(name)
+        return self._tasks[name]
+
+    def _study(self, cell_hash: str, task: str, sampler=None, create: bool = True):
+        name = study_name(cell_hash, task)
+        if sampler is None and name in self._studies:
+            return self._studies[name]
+        if create:
+            study = self._optuna.create_study(storage=self.optuna_storage, study_name=name, direction="maximize",
+                                              sampler=sampler, load_if_exists=True)
+        else:
+            study = self._optuna.load_study(study_name=name, storage=self.optuna_storage, sampler=sampler)
+        self._studies[name] = study
+        return study
+
+    def _max_in_flight(self) -> int:
+        return self.config.max_in_flight or 2 * self.executor.slots
+
+    def _report(self) -> None:
+        self.progress.in_flight = len(self._in_flight)
+        scores = {h: self._score(h) for h in self._population}
+        finite = {h: s for h, s in scores.items() if math.isfinite(s)}
+        if finite:
+            self.progress.best_cell = max(finite, key=lambda h: (finite[h], h))
+            self.progress.best_score = finite[self.progress.best_cell]
+        self._on_progress(self.progress)
+
+
+def _finite(value: float) -> float:
+    return value if math.isfinite(value) else -math.inf

@@ -1,0 +1,281 @@
+"""The search driver in process (serial executor): configs, determinism, resume, selection, storage."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import sqlalchemy as sa
+
+from cellsearch.config import ConfigError, from_mapping
+from cellsearch.errors import UserError
+from cellsearch.results import load_run
+from cellsearch.search import seeds
+from cellsearch.search.config import SearchConfig, load_search_config, resolve_ptb_dir
+from cellsearch.search.driver import SearchDriver, score_of, stages_for
+from cellsearch.search.executors import SerialExecutor
+from cellsearch.search.run import create_run, open_run, task_loader
+from cellsearch.search.storage import EVALUATIONS, UNITS
+
+REPO = Path(__file__).resolve().parents[1]
+
+TINY = {
+    "tasks": ["arithmetic", "xml"],
+    "budget_profile": "smoke",
+    "population_size": 3,
+    "settings_per_task": 2,
+    "settings_per_unit": 1,
+    "memorize_threshold": 0.0,
+    "reevaluate_probability": 0.2,
+    "seed": 5,
+    "max_steps": 6,
+}
+
+
+def tiny_config(**changes) -> SearchConfig:
+    return from_mapping(SearchConfig, {**TINY, **changes})
+
+
+def run_serial(config: SearchConfig, run_dir: Path, stop_after_units: int | None = None):
+    """Create or reopen a run and drive it with the serial executor; optionally abandon after N units."""
+    if (run_dir / "run.json").exists():
+        config, storage = open_run(run_dir)
+    else:
+        config, storage = create_run(config, run_dir)
+    executor = SerialExecutor(task_loader(config))
+    driver = None
+
+    def on_progress(progress):
+        if stop_after_units is not None and progress.units_done >= stop_after_units:
+            driver.request_stop("abandon")
+
+    driver = SearchDriver(config, storage, executor, task_loader(config), on_progress=on_progress)
+    try:
+        return driver.run()
+    finally:
+        storage.close()
+
+
+def trained(run_dir: Path) -> pd.DataFrame:
+    """Every trained setting, in a form comparable across runs."""
+    results = load_run(run_dir)
+    try:
+        table = results.evaluations()
+    finally:
+        results.close()
+    columns = ["step", "cell", "task", "trial_number", "seed", "score", "status", "init_scale", "learning_rate",
+               "max_grad_norm", "num_layers", "parameter_budget", "dropout"]
+    return table[columns].sort_values(["step", "cell", "task", "trial_number"]).reset_index(drop=True)
+
+
+# ------------------------------------------------------------------------------------------------ config
+
+
+def test_config_rejects_unknown_key_and_bad_values(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("tasks: [arithmetic]\npopulaton_size: 10\n")
+    with pytest.raises(ConfigError, match="populaton_size"):
+        load_search_config(path)
+    with pytest.raises(ConfigError, match="selection"):
+        tiny_config(selection="roulette")
+    with pytest.raises(ConfigError, match="reevaluate_probability"):
+        tiny_config(reevaluate_probability=1.5)
+    with pytest.raises(ConfigError, match="resources.num_cpus"):
+        tiny_config(resources={"num_cpus": 0})
+    with pytest.raises(ConfigError, match="resources.gpus"):
+        tiny_config(resources={"gpus": 1})
+    with pytest.raises(ConfigError, match="reference_cell"):
+        tiny_config(reference_cell="lstm_b")
+    with pytest.raises(ConfigError, match="memorize_task"):
+        tiny_config(tasks=["memorize", "xml"])
+    with pytest.raises(ConfigError, match="unknown task wikitext"):
+        tiny_config(tasks=["wikitext"])
+    with pytest.raises(ConfigError, match="initial_cells"):
+        tiny_config(initial_cells=["gru", "transformer"])
+    with pytest.raises(ConfigError, match="mutation.max_node"):
+        tiny_config(mutation={"max_node": 3})
+
+
+def test_shipped_configs_load():
+    for name in ("smoke", "small", "paper"):
+        config = load_search_config(REPO / "search_configs" / f"{name}.yaml")
+        assert config.tasks == ("arithmetic", "xml", "ptb")
+    paper = load_search_config(REPO / "search_configs" / "paper.yaml")
+    assert (paper.population_size, paper.settings_per_task, paper.memorize_threshold,
+            paper.early_stop_fraction, paper.selection) == (100, 20, 0.95, 0.9, "uniform")
+
+
+def test_ptb_dir_resolution(monkeypatch, tmp_path, ptb_dir):
+    config = tiny_config(tasks=["arithmetic", "ptb"])
+    monkeypatch.delenv("CELLSEARCH_PTB_DIR", raising=False)
+    with pytest.raises(UserError, match="CELLSEARCH_PTB_DIR"):
+        resolve_ptb_dir(config)
+    monkeypatch.setenv("CELLSEARCH_PTB_DIR", str(ptb_dir))
+    assert resolve_ptb_dir(config) == str(ptb_dir)
+    with pytest.raises(UserError, match="no ptb.train.txt"):
+        resolve_ptb_dir(config.with_overrides(ptb_dir=str(tmp_path)))
+    assert resolve_ptb_dir(tiny_config()) is None
+
+
+def test_stages_follow_the_paper():
+    config = tiny_config()
+    mutate = stages_for("mutate", config)
+    assert [(s.tasks, s.settings, s.gate) for s in mutate] == [
+        (("memorize",), 1, "memorize"), (("arithmetic",), 2, "ratio"), (("xml",), 2, "ratio")]
+    assert [(s.tasks, s.gate) for s in stages_for("reevaluate", config)] == [(("arithmetic", "xml"), "none")]
+    assert [s.tasks for s in stages_for("mutate", tiny_config(memorize_task=None))] == [("arithmetic",), ("xml",)]
+
+
+def test_score_is_min_ratio_to_the_reference():
+    best = {("g", "a"): 0.5, ("g", "b"): 0.2, ("c", "a"): 0.6, ("c", "b"): 0.1}
+    assert score_of(best, "c", "g", ("a", "b")) == pytest.approx(0.5)
+    assert score_of(best, "g", "g", ("a", "b")) == pytest.approx(1.0)
+    assert pd.isna(score_of({("c", "a"): 0.6}, "c", "g", ("a", "b")))
+
+
+def test_random_streams_are_keyed_not_global():
+    first = seeds.generator(7, seeds.STEP_STREAM, 3).random(4)
+    assert (first == seeds.generator(7, seeds.STEP_STREAM, 3).random(4)).all()
+    assert not (first == seeds.generator(7, seeds.STEP_STREAM, 4).random(4)).all()
+    assert not (first == seeds.generator(8, seeds.STEP_STREAM, 3).random(4)).all()
+    assert seeds.derived_seed(7, seeds.TRAIN_STREAM, 1, 2) == seeds.derived_seed(7, seeds.TRAIN_STREAM, 1, 2)
+    assert 0 <= seeds.derived_seed(7, seeds.TRAIN_STREAM, 1, 2) < 2 ** 31
+
+
+# ------------------------------------------------------------------------------------------------ searches
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory):
+    """One uninterrupted serial search that other tests compare against."""
+    run_dir = tmp_path_factory.mktemp("search") / "reference"
+    run_serial(tiny_config(), run_dir)
+    return run_dir
+
+
+def test_serial_search_records_everything(reference_run):
+    results = load_run(reference_run)
+    try:
+        cells, evaluations, steps = results.cells(), results.evaluations(), results.steps()
+        changes = results.population_changes()
+    finally:
+        results.close()
+    assert (steps["kind"] != "seed").sum() == 6 and (steps["status"] == "done").all()
+    # Every trained setting is distinct within its cell and task (Optuna never repeats one).
+    settings = evaluations[["cell", "task", "init_scale", "learning_rate", "max_grad_norm", "num_layers",
+                            "parameter_budget", "dropout"]]
+    assert not settings.duplicated().any()
+    assert not evaluations.duplicated(["cell", "task", "trial_number"]).any()
+    # Seeds: K settings per task; their ratios to the reference are 1 for the GRU itself.
+    gru = cells[cells["name"] == "gru"].iloc[0]
+    assert gru["score"] == pytest.approx(1.0)
+    assert gru["status"] == "population"
+    assert set(cells["status"]) <= {"population", "evaluated", "rejected"}
+    rejected = cells[cells["status"] == "rejected"]
+    assert set(rejected["rejected_by"]) <= {"duplicate", "memorize", "arithmetic", "xml"}
+    # A candidate stopped by a task has no evaluations on the tasks after it.
+    for row in rejected[rejected["rejected_by"] == "arithmetic"].itertuples():
+        assert pd.isna(row.best_xml)
+    # The population never exceeds its size, and matches the replay of its changes.
+    members = set()
+    for change in changes.itertuples():
+        (members.add if change.action == "enter" else members.discard)(change.cell_hash)
+        assert len(members) <= 3
+    assert members == set(cells.loc[cells["status"] == "population", "hash"])
+    # Scores come from the reference's current best.
+    reference = cells.attrs["reference_best"]
+    assert reference["arithmetic"] == pytest.approx(gru["best_arithmetic"])
+    scored = cells.dropna(subset=["score"])
+    expected = scored[["best_arithmetic", "best_xml"]].div(pd.Series(reference)[["arithmetic", "xml"]].values).min(
+        axis=1)
+    assert scored["score"].to_numpy() == pytest.approx(expected.to_numpy())
+
+
+def test_same_seed_same_search(reference_run, tmp_path):
+    run_serial(tiny_config(), tmp_path / "again")
+    pd.testing.assert_frame_equal(trained(reference_run), trained(tmp_path / "again"))
+
+
+def test_resume_after_abandon_continues_the_same_search(reference_run, tmp_path):
+    run_dir = tmp_path / "interrupted"
+    run_serial(tiny_config(), run_dir, stop_after_units=11)
+    engine = sa.create_engine(f"sqlite:///{run_dir / 'run.db'}")
+    with engine.connect() as connection:
+        committed = connection.execute(sa.select(sa.func.count()).select_from(EVALUATIONS)).scalar_one()
+        pending = connection.execute(sa.select(sa.func.count()).select_from(UNITS).where(
+            UNITS.c.status == "pending")).scalar_one()
+    engine.dispose()
+    assert committed == 11 and pending > 0
+    run_serial(tiny_config(), run_dir)
+    pd.testing.assert_frame_equal(trained(reference_run), trained(run_dir))
+
+
+@pytest.mark.parametrize("selection", ["tournament", "aging"])
+def test_other_selections_run(tmp_path, selection):
+    run_serial(tiny_config(selection=selection, tournament_size=2, max_steps=4, seed_from_parent=1), tmp_path / "r")
+    results = load_run(tmp_path / "r")
+    try:
+        assert (results.steps()["status"] == "done").all()
+        assert len(results.population()) <= 3
+    finally:
+        results.close()
+
+
+def test_new_search_refuses_a_used_run_dir_or_database(reference_run, tmp_path):
+    with pytest.raises(UserError, match="resume"):
+        create_run(tiny_config(), reference_run)
+    url = json.loads((reference_run / "run.json").read_text())["storage"]
+    with pytest.raises(UserError, match="already holds run"):
+        create_run(tiny_config(storage=url), tmp_path / "other")
+
+
+def test_a_failing_unit_is_recorded_and_the_search_goes_on(tmp_path):
+    """A unit that raises (a bug or a cell the trainer cannot handle) scores 0 as 'error'; Optuna marks it FAIL."""
+    from cellsearch.search.units import run_unit
+
+    def fail_on_xml(unit, task):
+        if unit.task == "xml":
+            raise RuntimeError("xml is broken today")
+        return run_unit(unit, task)
+
+    config, storage = create_run(tiny_config(max_steps=2), tmp_path / "r")
+    driver = SearchDriver(config, storage, SerialExecutor(task_loader(config), fail_on_xml), task_loader(config))
+    driver.run()
+    storage.close()
+    results = load_run(tmp_path / "r")
+    try:
+        evaluations, steps = results.evaluations(), results.steps()
+    finally:
+        results.close()
+    xml = evaluations[evaluations["task"] == "xml"]
+    assert len(xml) > 0 and (xml["status"] == "error").all() and (xml["score"] == 0).all()
+    assert (evaluations.loc[evaluations["task"] != "xml", "status"] != "error").all()
+    assert (steps["status"] == "done").all()
+    import optuna
+
+    study = optuna.load_study(study_name=f"{xml['cell'].iloc[0]}/xml", storage=f"sqlite:///{tmp_path / 'r' / 'run.db'}")
+    assert {t.state for t in study.get_trials()} == {optuna.trial.TrialState.FAIL}
+
+
+def test_children_start_from_their_parents_best_settings(tmp_path):
+    run_serial(tiny_config(seed_from_parent=1, reevaluate_probability=0.0, max_steps=4), tmp_path / "r")
+    results = load_run(tmp_path / "r")
+    try:
+        evaluations, steps = results.evaluations(), results.steps()
+    finally:
+        results.close()
+    names = ["init_scale", "learning_rate", "max_grad_norm", "num_layers", "parameter_budget", "dropout"]
+    checked = 0
+    for step in steps[steps["kind"] == "mutate"].itertuples():
+        child = evaluations[(evaluations["cell"] == step.cell_hash) & (evaluations["task"] == "arithmetic")]
+        if child.empty:
+            continue  # stopped by the memorisation filter or a duplicate
+        parent = evaluations[(evaluations["cell"] == step.parent_hash) & (evaluations["task"] == "arithmetic")
+                             & (evaluations["step"] < step.step)]
+        best = parent.sort_values(["score", "trial_number"], ascending=[False, True]).iloc[0]
+        first = child.sort_values("trial_number").iloc[0]
+        assert first[names].tolist() == best[names].tolist()
+        checked += 1
+    assert checked > 0

@@ -1,0 +1,72 @@
+"""The smoke search with its database on a real PostgreSQL server (``.ci/postgres.sh`` starts one).
+
+Set ``CELLSEARCH_TEST_POSTGRES_URL`` to a URL whose role may create databases, e.g.
+``export CELLSEARCH_TEST_POSTGRES_URL="$(.ci/postgres.sh)"``; each test run gets a fresh database.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import optuna
+import pytest
+import sqlalchemy as sa
+
+from cellsearch.results import load_run
+from cellsearch.search.storage import normalize_url
+
+REPO = Path(__file__).resolve().parents[1]
+URL = os.environ.get("CELLSEARCH_TEST_POSTGRES_URL")
+
+if not URL and os.environ.get("CI"):
+    # CI starts the server in .ci/run; a missing URL there is a broken set-up, not a reason to skip.
+    raise RuntimeError("CI is set but CELLSEARCH_TEST_POSTGRES_URL is empty: .ci/postgres.sh failed")
+
+pytestmark = pytest.mark.skipif(
+    not URL, reason="CELLSEARCH_TEST_POSTGRES_URL is not set (run `export CELLSEARCH_TEST_POSTGRES_URL=\"$(.ci/"
+                    "postgres.sh)\"` to start a local PostgreSQL server)")
+
+
+@pytest.fixture
+def database():
+    """A fresh database on the server, dropped afterwards."""
+    admin = sa.create_engine(normalize_url(URL), isolation_level="AUTOCOMMIT")
+    name = f"cellsearch_test_{uuid.uuid4().hex[:12]}"
+    with admin.connect() as connection:
+        connection.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    yield sa.engine.make_url(normalize_url(URL)).set(database=name).render_as_string(hide_password=False)
+    with admin.connect() as connection:
+        connection.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()
+
+
+def test_smoke_search_on_postgres(tmp_path, database, ray_address, ptb_dir):
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "CELLSEARCH_PTB_DIR": str(ptb_dir)}
+    result = subprocess.run(
+        [sys.executable, "-m", "cellsearch.cli", "search", "search_configs/smoke.yaml", "--run-dir", str(run_dir),
+         "--storage", database, "--max-steps", "2", "--address", ray_address, "--no-progress"],
+        cwd=REPO, capture_output=True, text=True, timeout=400, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((run_dir / "run.json").read_text())["storage"] == database
+    assert not (run_dir / "run.db").exists()
+    results = load_run(run_dir)
+    try:
+        cells, evaluations, steps = results.cells(), results.evaluations(), results.steps()
+    finally:
+        results.close()
+    assert (steps["status"] == "done").all() and (steps["kind"] != "seed").sum() == 2
+    assert set(evaluations["task"]) >= {"arithmetic", "xml", "ptb"}
+    assert cells.loc[cells["name"] == "gru", "score"].item() == pytest.approx(1.0)
+    # The Optuna studies live in the same PostgreSQL database (what optuna-dashboard would browse).
+    studies = optuna.get_all_study_summaries(optuna.storages.RDBStorage(database))
+    assert {s.study_name for s in studies} == {f"{c}/{t}" for c, t in evaluations[["cell", "task"]].drop_duplicates()
+                                               .itertuples(index=False)}
+    top = subprocess.run([sys.executable, "-m", "cellsearch.cli", "top", str(run_dir), "--json"], cwd=REPO,
+                         capture_output=True, text=True, timeout=120)
+    assert top.returncode == 0 and json.loads(top.stdout)[0]["name"] in ("gru", "lstm", None)

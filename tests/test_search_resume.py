@@ -1,0 +1,129 @@
+"""Killing the driver: SIGKILL mid-search, resume, SIGINT (graceful), resume again; nothing lost or repeated."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import sqlalchemy as sa
+import yaml
+
+from cellsearch.results import load_run
+
+REPO = Path(__file__).resolve().parents[1]
+
+CONFIG = {
+    "tasks": ["arithmetic", "xml"],
+    "budget_profile": "smoke",
+    "population_size": 4,
+    "settings_per_task": 2,
+    "settings_per_unit": 1,
+    "memorize_threshold": 0.0,
+    "reevaluate_probability": 0.2,
+    "seed": 11,
+    "max_steps": 10,
+    "max_in_flight": 4,
+}
+
+
+def committed(run_dir: Path) -> list[tuple]:
+    """Every committed evaluation as a comparable tuple, read like any other reader would."""
+    engine = sa.create_engine(f"sqlite:///file:{run_dir / 'run.db'}?mode=ro&uri=true")
+    try:
+        with engine.connect() as connection:
+            return [tuple(row) for row in connection.execute(sa.text(
+                "SELECT id, unit_id, cell_hash, task, trial_number, params_json, seed, score, status "
+                "FROM cs_evaluations ORDER BY id"))]
+    except sa.exc.OperationalError:  # the database is not created yet
+        return []
+    finally:
+        engine.dispose()
+
+
+def pending_units(run_dir: Path) -> int:
+    engine = sa.create_engine(f"sqlite:///file:{run_dir / 'run.db'}?mode=ro&uri=true")
+    try:
+        with engine.connect() as connection:
+            return connection.execute(sa.text("SELECT COUNT(*) FROM cs_units WHERE status = 'pending'")).scalar_one()
+    finally:
+        engine.dispose()
+
+
+def start(args: list[str], address: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "cellsearch.cli", *args, "--address", address, "--no-progress"],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_evaluations(run_dir: Path, process: subprocess.Popen, count: int, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while len(committed(run_dir)) < count:
+        assert process.poll() is None, process.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, "the search made no progress"
+        time.sleep(0.2)
+
+
+def test_sigkill_then_sigint_then_resume(tmp_path, ray_address):
+    config = tmp_path / "search.yaml"
+    config.write_text(yaml.safe_dump(CONFIG))
+    run_dir = tmp_path / "run"
+
+    # 1. kill -9 the driver once the seeds are committed and candidates are in flight.
+    driver = start(["search", str(config), "--run-dir", str(run_dir)], ray_address)
+    wait_for_evaluations(run_dir, driver, 12)
+    running = load_run(run_dir)  # a reader of a running search (read-only connection)
+    try:
+        assert len(running.evaluations()) >= 12 and running.cells()["name"].isin(["gru", "lstm"]).sum() == 2
+    finally:
+        running.close()
+    driver.send_signal(signal.SIGKILL)
+    driver.communicate()
+    before_kill = committed(run_dir)
+    assert pending_units(run_dir) > 0, "the kill should leave planned, uncommitted units"
+
+    # 2. resume, then Ctrl-C (SIGINT) it: it finishes the running units, records them and exits 130.
+    resumed = start(["resume", str(run_dir)], ray_address)
+    wait_for_evaluations(run_dir, resumed, len(before_kill) + 3)
+    resumed.send_signal(signal.SIGINT)
+    _, stderr = resumed.communicate(timeout=120)
+    assert resumed.returncode == 130, stderr[-3000:]
+    assert "cellsearch resume" in stderr or "resume" in stderr
+    before_interrupt = committed(run_dir)
+
+    # 3. resume to the end.
+    final = subprocess.run([sys.executable, "-m", "cellsearch.cli", "resume", str(run_dir), "--address", ray_address,
+                            "--no-progress"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert final.returncode == 0, final.stderr[-3000:]
+    after = committed(run_dir)
+
+    # Nothing committed was lost or changed, in either interruption.
+    assert after[: len(before_kill)] == before_kill
+    assert after[: len(before_interrupt)] == before_interrupt
+    # Nothing was trained twice: one row per (cell, task, trial) and per (cell, task, setting).
+    trials = [(cell, task, trial) for _, _, cell, task, trial, *_ in after]
+    settings = [(cell, task, params) for _, _, cell, task, _, params, *_ in after]
+    assert len(set(trials)) == len(trials) and len(set(settings)) == len(settings)
+
+    results = load_run(run_dir)
+    try:
+        steps, units = results.steps(), results.units()
+    finally:
+        results.close()
+    assert (steps["kind"] != "seed").sum() == CONFIG["max_steps"]
+    assert (steps["status"] == "done").all() and (units["status"] == "done").all()
+    # Every evaluation is a finished Optuna trial with the same score; no trial is left RUNNING.
+    storage = optuna.storages.RDBStorage(f"sqlite:///{run_dir / 'run.db'}")
+    scores = {}
+    for summary in optuna.get_all_study_summaries(storage):
+        study = optuna.load_study(study_name=summary.study_name, storage=storage)
+        for trial in study.get_trials(deepcopy=False):
+            assert trial.state != optuna.trial.TrialState.RUNNING, (summary.study_name, trial.number)
+            if trial.state == optuna.trial.TrialState.COMPLETE:
+                scores[(summary.study_name, trial.number)] = trial.value
+    for _, _, cell, task, trial, _, _, score, status in after:
+        if status != "error":
+            assert scores[(f"{cell}/{task}", trial)] == pytest.approx(score)
