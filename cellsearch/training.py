@@ -1,0 +1,480 @@
+"""The one training loop: every search, ``cellsearch train`` and every retraining goes through it.
+
+:func:`train_and_evaluate` trains a language-model-shaped network (embedding of
+the hidden width -> :class:`~cellsearch.compiler.CellRNN` -> linear softmax)
+with plain SGD, gradient-norm clipping and the paper's learning-rate decay on a
+:class:`~cellsearch.tasks.base.Task`, and scores it on held-out data. The
+hidden width is solved from the parameter budget (:func:`solve_hidden_size`),
+so that different cells are compared at equal size, as in the paper.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+from torch import nn
+
+from cellsearch.hparams import HyperParams
+from cellsearch.spec import CellSpec
+from cellsearch.tasks.base import Budget, Split, Task
+
+__all__ = [
+    "Budget",
+    "TrainResult",
+    "STATUSES",
+    "SequenceModel",
+    "PlateauHalving",
+    "model_parameter_count",
+    "solve_hidden_size",
+    "build_model",
+    "batchify",
+    "evaluate",
+    "train_and_evaluate",
+]
+
+#: ``ok``: finished within its budget; ``timeout``: the wall-clock cap ended it
+#: early (the score is still the best held-out score reached); ``diverged``: a
+#: NaN or infinite loss or gradient (score 0); ``oom``: out of memory (score 0).
+STATUSES = ("ok", "timeout", "diverged", "oom")
+
+
+# ---------------------------------------------------------------------- sizing
+def model_parameter_count(spec: CellSpec, vocab_size: int, num_layers: int, hidden_size: int) -> int:
+    """Learned parameters of the whole model: embedding, ``num_layers`` cells and the softmax layer."""
+    embedding = vocab_size * hidden_size
+    softmax = hidden_size * vocab_size + vocab_size
+    return embedding + num_layers * spec.parameter_count(hidden_size) + softmax
+
+
+def solve_hidden_size(spec: CellSpec, vocab_size: int, num_layers: int, parameter_budget: int) -> int:
+    """The largest hidden width whose model fits ``parameter_budget`` parameters (at least 1).
+
+    A cell's parameter count per layer is a quadratic ``a*H^2 + b*H`` in the
+    width ``H`` (``a`` square matrices and ``b`` bias vectors), and the embedding
+    and softmax add ``2*vocab*H + vocab``; the quadratic formula gives the
+    answer, which is then corrected by integer steps against
+    :func:`model_parameter_count` (so rounding can never break the budget).
+    Width 1 is returned when even that exceeds the budget.
+    """
+    count = lambda width: model_parameter_count(spec, vocab_size, num_layers, width)  # noqa: E731
+    quadratic = (count(2) - 2 * count(1) + count(0)) / 2
+    linear = count(1) - count(0) - quadratic
+    constant = count(0) - parameter_budget
+    if quadratic > 0:
+        width = int((-linear + math.sqrt(max(linear * linear - 4 * quadratic * constant, 0.0))) / (2 * quadratic))
+    else:
+        width = int(-constant // linear) if linear > 0 else 1
+    width = max(width, 1)
+    while width > 1 and count(width) > parameter_budget:
+        width -= 1
+    while count(width + 1) <= parameter_budget:
+        width += 1
+    return width
+
+
+# ----------------------------------------------------------------------- model
+class SequenceModel(nn.Module):
+    """Embedding of the hidden width -> CellRNN -> dropout -> linear softmax (logits)."""
+
+    def __init__(self, spec: CellSpec, vocab_size: int, hidden_size: int, num_layers: int = 1, dropout: float = 0.0):
+        super().__init__()
+        from cellsearch.compiler import CellRNN
+
+        self.hidden_size = hidden_size
+        self.embedding = nn.Embedding(vocab_size, hidden_size)
+        self.rnn = CellRNN(spec, hidden_size, hidden_size, num_layers=num_layers, dropout=dropout)
+        self.dropout = nn.Dropout(dropout)
+        self.decoder = nn.Linear(hidden_size, vocab_size)
+
+    def reset_parameters(self, init_scale: float) -> None:
+        """The paper's init: uniform in +-init_scale/sqrt(width); softmax bias zero."""
+        bound = init_scale / math.sqrt(self.hidden_size)
+        with torch.no_grad():
+            self.embedding.weight.uniform_(-bound, bound)
+            self.decoder.weight.uniform_(-bound, bound)
+            self.decoder.bias.zero_()
+        self.rnn.reset_parameters(init_scale)
+
+    def forward(self, tokens: torch.Tensor, state: Any = None) -> tuple[torch.Tensor, Any]:
+        """``tokens`` (time, batch) -> logits (time, batch, vocab) and the final state."""
+        embedded = self.dropout(self.embedding(tokens))
+        output, state = self.rnn(embedded, state)
+        return self.decoder(self.dropout(output)), state
+
+
+def build_model(spec: CellSpec, task: Task, hparams: HyperParams) -> SequenceModel:
+    """The model for ``spec`` on ``task`` at the width that fits ``hparams.parameter_budget``, initialised."""
+    hidden_size = solve_hidden_size(spec, task.vocab_size, hparams.num_layers, hparams.parameter_budget)
+    model = SequenceModel(spec, task.vocab_size, hidden_size, hparams.num_layers, hparams.dropout)
+    model.reset_parameters(hparams.init_scale)
+    return model
+
+
+# ------------------------------------------------------------------------ data
+def batchify(split: Split, batch_size: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Cut a stream into ``batch_size`` parallel columns: tokens (rows, batch) and the mask alike.
+
+    Trailing tokens that do not fill a row are dropped, as in PyTorch's word_language_model example.
+    """
+    rows = len(split) // batch_size
+    if rows < 2:
+        raise ValueError(f"a stream of {len(split)} tokens is too short for batch size {batch_size}")
+    tokens = torch.from_numpy(np.asarray(split.tokens[: rows * batch_size], dtype=np.int64))
+    tokens = tokens.view(batch_size, rows).t().contiguous().to(device)
+    mask = None
+    if split.mask is not None:
+        mask = torch.from_numpy(np.array(split.mask[: rows * batch_size])).view(batch_size, rows).t().contiguous().to(device)
+    return tokens, mask
+
+
+def _detach(state: Any) -> Any:
+    """Cut the graph behind the carried state (truncated backpropagation)."""
+    if state is None:
+        return None
+    if isinstance(state, torch.Tensor):
+        return state.detach()
+    return tuple(_detach(s) for s in state)
+
+
+def _window(tokens: torch.Tensor, mask: torch.Tensor | None, row: int, unroll: int):
+    length = min(unroll, tokens.shape[0] - 1 - row)
+    inputs = tokens[row : row + length]
+    targets = tokens[row + 1 : row + 1 + length]
+    scored = None if mask is None else mask[row + 1 : row + 1 + length]
+    return inputs, targets, scored
+
+
+def _masked_loss(logits: torch.Tensor, targets: torch.Tensor, scored: torch.Tensor | None):
+    """Mean cross-entropy over the scored targets, their count, and the number predicted exactly."""
+    losses = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
+    correct = logits.argmax(-1).reshape(-1) == targets.reshape(-1)
+    if scored is None:
+        return losses.mean(), losses.numel(), correct.sum()
+    weights = scored.reshape(-1)
+    count = int(weights.sum())
+    return (losses * weights).sum() / max(count, 1), count, (correct & weights).sum()
+
+
+@torch.no_grad()
+def evaluate(model: SequenceModel, tokens: torch.Tensor, mask: torch.Tensor | None, unroll: int) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy over the scored targets of a batchified stream (state carried)."""
+    model.eval()
+    state = None
+    total_loss, total_count, total_correct = 0.0, 0, 0
+    for row in range(0, tokens.shape[0] - 1, unroll):
+        inputs, targets, scored = _window(tokens, mask, row, unroll)
+        logits, state = model(inputs, state)
+        loss, count, correct = _masked_loss(logits, targets, scored)
+        total_loss += float(loss) * count
+        total_count += count
+        total_correct += int(correct)
+    if total_count == 0:
+        raise ValueError("the held-out stream has no scored targets")
+    return total_loss / total_count, total_correct / total_count
+
+
+# -------------------------------------------------------------------- schedule
+class PlateauHalving:
+    """The paper's learning-rate decay, one held-out score per epoch.
+
+    Once the score has not improved for ``patience`` consecutive epochs, the
+    learning rate is multiplied by ``factor`` before each of the next
+    ``decay_epochs`` epochs; after those the run stops. Improvements during the
+    decay do not restart it. :meth:`update` takes an epoch's score and returns
+    whether training goes on; :attr:`learning_rate` is the rate for the next epoch.
+    """
+
+    def __init__(self, learning_rate: float, patience: int = 3, decay_epochs: int = 4, factor: float = 0.5):
+        self.learning_rate = learning_rate
+        self.patience = patience
+        self.decay_epochs = decay_epochs
+        self.factor = factor
+        self.best = -math.inf
+        self.epochs_without_improvement = 0
+        self.decay_epochs_left: int | None = None
+
+    @property
+    def decaying(self) -> bool:
+        return self.decay_epochs_left is not None
+
+    def update(self, score: float) -> bool:
+        if score > self.best:
+            self.best = score
+            self.epochs_without_improvement = 0
+        else:
+            self.epochs_without_improvement += 1
+        if self.decay_epochs_left is None:
+            if self.epochs_without_improvement < self.patience:
+                return True
+            self.decay_epochs_left = self.decay_epochs
+        else:
+            self.decay_epochs_left -= 1
+        if self.decay_epochs_left <= 0:
+            return False
+        self.learning_rate *= self.factor
+        return True
+
+
+# ---------------------------------------------------------------------- result
+@dataclass(frozen=True)
+class TrainResult:
+    """What one training run produced.
+
+    ``score``: the best held-out score over the run's evaluations (higher is
+    better; 0 when ``status`` is ``diverged`` or ``oom``). ``metrics``: the held-out
+    loss, accuracy (and perplexity for ptb) at the best evaluation, and test
+    metrics when the budget asks for them. ``curve``: one entry per evaluation
+    (epoch, step, learning rate, mean training loss, score and held-out metrics;
+    no timings, so that equal seeds give equal curves).
+    """
+
+    status: str
+    score: float
+    metrics: dict[str, float]
+    steps: int
+    epochs: int
+    duration_s: float
+    curve: tuple[dict[str, float], ...]
+    hidden_size: int
+    parameter_count: int
+    hparams: dict[str, Any]
+    seed: int
+    message: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["curve"] = [dict(point) for point in self.curve]
+        return data
+
+
+class _Stop(Exception):
+    """Ends the loop early with a status (diverged)."""
+
+    def __init__(self, status: str, message: str):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def _is_out_of_memory(error: BaseException) -> bool:
+    oom_type = getattr(torch, "OutOfMemoryError", None)
+    if oom_type is not None and isinstance(error, oom_type):
+        return True
+    if isinstance(error, MemoryError):
+        return True
+    # CUDA says "out of memory"; the CPU allocator says "can't allocate memory".
+    text = str(error).lower()
+    return isinstance(error, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+
+
+@contextmanager
+def _threads(num_threads: int | None) -> Iterator[None]:
+    previous = torch.get_num_threads()
+    if num_threads:
+        torch.set_num_threads(num_threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+# ------------------------------------------------------------------------ loop
+def train_and_evaluate(
+    spec: CellSpec,
+    task: Task,
+    hparams: HyperParams,
+    budget: Budget,
+    seed: int,
+    device: str | torch.device = "cpu",
+    progress: Callable[[dict[str, Any]], None] | None = None,
+    num_threads: int | None = 1,
+) -> TrainResult:
+    """Train ``spec`` on ``task`` with ``hparams`` within ``budget`` and score it on held-out data.
+
+    The model is :class:`SequenceModel` at the width that fits
+    ``hparams.parameter_budget``, initialised uniformly in
+    +-init_scale/sqrt(width). Training: plain SGD on the mean cross-entropy of the
+    scored targets, over ``task.batch_size`` parallel columns and windows of
+    ``task.unroll`` steps with the hidden state carried across windows
+    (truncated backpropagation), gradients clipped to norm
+    ``hparams.max_grad_norm``. After each epoch (``budget.steps_per_epoch``
+    steps, or one full pass over the training stream when that is null) the
+    model is scored on the validation split and :class:`PlateauHalving` (the
+    paper's decay) sets the next learning rate or stops the run. The run also
+    stops after ``budget.max_epochs`` epochs, ``budget.max_steps`` steps or
+    ``budget.max_seconds`` seconds (then it is scored where it stands).
+
+    Contract:
+
+    - Never raises for a numerical failure: a NaN or infinite loss, gradient
+      norm or held-out loss ends the run with status ``diverged`` and score 0;
+      out of memory (``torch.OutOfMemoryError``, ``MemoryError``, or a
+      ``RuntimeError`` saying "out of memory" (CUDA) or "can't allocate memory"
+      (the CPU allocator)) ends it with status ``oom`` and score 0. Other
+      exceptions (a bad spec, a bug) propagate.
+    - Status ``timeout``: the wall-clock cap was reached; the score is the best
+      held-out score so far (the model is evaluated at the cap if no epoch had
+      ended) and is a valid but truncated result.
+    - Deterministic: on CPU, the same arguments give a bit-identical result
+      (score and curve) except when ``max_seconds`` cuts the run, since all
+      randomness (init, dropout) comes from ``seed`` inside a forked RNG; the
+      caller's global RNG state is left untouched. Retrying ``ok`` or
+      ``diverged`` with the same seed reproduces it, so only ``oom`` (on another
+      device or with more memory) and ``timeout`` (with a larger cap) are worth
+      retrying.
+    - Runs with ``num_threads`` torch threads (1 by default: one process per
+      core is the fast layout on CPU), restoring the previous setting after.
+    - ``progress``, when given, is called with a dict after every step
+      (``kind='step'``: step, total_steps, epoch, loss, learning_rate) and every
+      evaluation (``kind='epoch'``: also score, valid_loss, valid_accuracy).
+    """
+    start = time.perf_counter()
+    device = torch.device(device)
+    hidden_size = solve_hidden_size(spec, task.vocab_size, hparams.num_layers, hparams.parameter_budget)
+    parameter_count = model_parameter_count(spec, task.vocab_size, hparams.num_layers, hidden_size)
+    state = _RunState()
+    fork_devices = [device.index or 0] if device.type == "cuda" else []
+    try:
+        with _threads(num_threads), torch.random.fork_rng(devices=fork_devices):
+            torch.manual_seed(seed)
+            status, message = _train(spec, task, hparams, budget, device, progress, state, start)
+    except _Stop as stop:
+        status, message = stop.status, stop.message
+    except Exception as error:  # noqa: BLE001 - only out-of-memory is turned into a status
+        if not _is_out_of_memory(error):
+            raise
+        status, message = "oom", str(error).splitlines()[0][:300]
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    failed = status in ("diverged", "oom")
+    return TrainResult(
+        status=status,
+        score=0.0 if failed else state.best_score,
+        metrics={} if failed else dict(state.best_metrics),
+        steps=state.steps,
+        epochs=state.epochs,
+        duration_s=time.perf_counter() - start,
+        curve=tuple(state.curve),
+        hidden_size=hidden_size,
+        parameter_count=parameter_count,
+        hparams=hparams.to_dict(),
+        seed=seed,
+        message=message,
+    )
+
+
+@dataclass
+class _RunState:
+    steps: int = 0
+    epochs: int = 0
+    best_score: float = 0.0
+    best_metrics: dict[str, float] = field(default_factory=dict)
+    curve: list[dict[str, float]] = field(default_factory=list)
+
+
+def _held_out_metrics(task: Task, prefix: str, loss: float, accuracy: float) -> dict[str, float]:
+    metrics = {f"{prefix}_loss": loss, f"{prefix}_accuracy": accuracy}
+    if task.metric == "inverse_perplexity":
+        metrics[f"{prefix}_perplexity"] = math.exp(loss) if loss < 700 else math.inf
+    return metrics
+
+
+def _train(spec, task, hparams, budget, device, progress, state: _RunState, start: float):
+    model = build_model(spec, task, hparams).to(device)
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    train_tokens, train_mask = batchify(task.splits["train"], task.batch_size, device)
+    valid_tokens, valid_mask = batchify(task.splits["valid"].head(budget.eval_tokens), task.eval_batch_size, device)
+    windows_per_pass = math.ceil((train_tokens.shape[0] - 1) / task.unroll)
+    steps_per_epoch = budget.steps_per_epoch or windows_per_pass
+    total_steps = budget.max_epochs * steps_per_epoch
+    if budget.max_steps is not None:
+        total_steps = min(total_steps, budget.max_steps)
+    schedule = PlateauHalving(hparams.learning_rate, budget.patience, budget.decay_epochs, budget.decay_factor)
+    # Plain SGD, as in the paper; a parameter without a gradient this step (e.g. the embedding of
+    # a cell whose output ignores x) is skipped, as torch.optim does.
+    optimizer = torch.optim.SGD(parameters, lr=schedule.learning_rate)
+    best_state: dict[str, torch.Tensor] | None = None
+    row, carried = 0, None
+    status, message = "ok", ""
+
+    def evaluate_now(epoch_loss: float, epoch_steps: int) -> None:
+        nonlocal best_state
+        loss, accuracy = evaluate(model, valid_tokens, valid_mask, task.unroll)
+        if not math.isfinite(loss):
+            raise _Stop("diverged", f"held-out loss {loss} after step {state.steps}")
+        score = task.score(loss, accuracy)
+        point = {
+            "epoch": state.epochs,
+            "step": state.steps,
+            "learning_rate": schedule.learning_rate,
+            "train_loss": epoch_loss / max(epoch_steps, 1),
+            "score": score,
+            **_held_out_metrics(task, "valid", loss, accuracy),
+        }
+        state.curve.append(point)
+        if score > state.best_score or not state.best_metrics:
+            state.best_score = score
+            state.best_metrics = {"best_epoch": state.epochs, **_held_out_metrics(task, "valid", loss, accuracy)}
+            if budget.evaluate_test:
+                best_state = copy.deepcopy(model.state_dict())
+        if progress is not None:
+            progress({"kind": "epoch", **point, "total_steps": total_steps, "elapsed_s": time.perf_counter() - start})
+
+    running = True
+    while running and state.epochs < budget.max_epochs:
+        model.train()
+        if budget.steps_per_epoch is None:
+            row, carried = 0, None
+        epoch_loss, epoch_steps = 0.0, 0
+        for _ in range(steps_per_epoch):
+            if row >= train_tokens.shape[0] - 1:
+                row, carried = 0, None
+            inputs, targets, scored = _window(train_tokens, train_mask, row, task.unroll)
+            row += inputs.shape[0]
+            logits, carried = model(inputs, _detach(carried))
+            loss, _, _ = _masked_loss(logits, targets, scored)
+            loss_value = loss.item()
+            if not math.isfinite(loss_value):
+                raise _Stop("diverged", f"training loss {loss_value} at step {state.steps + 1}")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            norm = float(nn.utils.clip_grad_norm_(parameters, hparams.max_grad_norm))
+            if not math.isfinite(norm):
+                raise _Stop("diverged", f"gradient norm {norm} at step {state.steps + 1}")
+            for group in optimizer.param_groups:
+                group["lr"] = schedule.learning_rate
+            optimizer.step()
+            state.steps += 1
+            epoch_loss += loss_value
+            epoch_steps += 1
+            if progress is not None:
+                progress({
+                    "kind": "step", "step": state.steps, "total_steps": total_steps, "epoch": state.epochs,
+                    "loss": loss_value, "learning_rate": schedule.learning_rate,
+                })
+            if budget.max_steps is not None and state.steps >= budget.max_steps:
+                running = False
+                break
+            if budget.max_seconds is not None and time.perf_counter() - start >= budget.max_seconds:
+                running, status, message = False, "timeout", f"wall-clock cap of {budget.max_seconds:g} s reached"
+                break
+        if epoch_steps == steps_per_epoch:
+            state.epochs += 1
+        if epoch_steps or not state.curve:
+            evaluate_now(epoch_loss, epoch_steps)
+        if running and epoch_steps == steps_per_epoch:
+            running = schedule.update(state.curve[-1]["score"])
+    if budget.evaluate_test and "test" in task.splits:
+        if best_state is not None:
+            model.load_state_dict(best_state)
+        test_tokens, test_mask = batchify(task.splits["test"], task.eval_batch_size, device)
+        loss, accuracy = evaluate(model, test_tokens, test_mask, task.unroll)
+        state.best_metrics.update(_held_out_metrics(task, "test", loss, accuracy))
+    return status, message
