@@ -57,7 +57,7 @@ def run_unit(unit: UnitSpec, task) -> list:
     budget = task.budget(unit.budget_profile)
     return [
         train_and_evaluate(spec, task, HyperParams.from_dict(setting.hparams), budget, setting.seed,
-                           device=unit.device)
+                           device=unit.device, num_threads=unit.num_threads)
         for setting in unit.settings
     ]
 
