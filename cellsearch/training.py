@@ -6,6 +6,12 @@ with plain SGD, gradient-norm clipping and the paper's learning-rate decay on a
 :class:`~cellsearch.tasks.base.Task`, and scores it on held-out data. The
 hidden width is solved from the parameter budget (:func:`solve_hidden_size`),
 so that different cells are compared at equal size, as in the paper.
+
+The loop is :func:`run_members`: it trains one or several settings of a cell in lockstep
+through a *members* object. A single run is the one-member case (:class:`SingleMember`, a
+plain :class:`SequenceModel`); :mod:`cellsearch.batched_training` supplies the batched case
+(K settings of one shape as one stacked model). Steps, clipping, evaluation, the schedule,
+budgets and failure statuses are this one loop for both.
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ import math
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -37,6 +43,10 @@ __all__ = [
     "batchify",
     "evaluate",
     "train_and_evaluate",
+    "GroupMember",
+    "SingleMember",
+    "run_members",
+    "evaluate_members",
 ]
 
 #: ``ok``: finished within its budget; ``timeout``: the wall-clock cap ended it
@@ -165,19 +175,7 @@ def _masked_loss(logits: torch.Tensor, targets: torch.Tensor, scored: torch.Tens
 @torch.no_grad()
 def evaluate(model: SequenceModel, tokens: torch.Tensor, mask: torch.Tensor | None, unroll: int) -> tuple[float, float]:
     """Mean cross-entropy and accuracy over the scored targets of a batchified stream (state carried)."""
-    model.eval()
-    state = None
-    total_loss, total_count, total_correct = 0.0, 0, 0
-    for row in range(0, tokens.shape[0] - 1, unroll):
-        inputs, targets, scored = _window(tokens, mask, row, unroll)
-        logits, state = model(inputs, state)
-        loss, count, correct = _masked_loss(logits, targets, scored)
-        total_loss += float(loss) * count
-        total_count += count
-        total_correct += int(correct)
-    if total_count == 0:
-        raise ValueError("the held-out stream has no scored targets")
-    return total_loss / total_count, total_correct / total_count
+    return evaluate_members(SingleMember(model), tokens, mask, unroll)[0]
 
 
 # -------------------------------------------------------------------- schedule
@@ -254,15 +252,6 @@ class TrainResult:
         return data
 
 
-class _Stop(Exception):
-    """Ends the loop early with a status (diverged)."""
-
-    def __init__(self, status: str, message: str):
-        super().__init__(message)
-        self.status = status
-        self.message = message
-
-
 def _is_out_of_memory(error: BaseException) -> bool:
     oom_type = getattr(torch, "OutOfMemoryError", None)
     if oom_type is not None and isinstance(error, oom_type):
@@ -295,6 +284,7 @@ def train_and_evaluate(
     device: str | torch.device = "cpu",
     progress: Callable[[dict[str, Any]], None] | None = None,
     num_threads: int | None = 1,
+    checkpoint: Any = None,
 ) -> TrainResult:
     """Train ``spec`` on ``task`` with ``hparams`` within ``budget`` and score it on held-out data.
 
@@ -331,43 +321,16 @@ def train_and_evaluate(
       retrying.
     - Runs with ``num_threads`` torch threads (1 by default: one process per
       core is the fast layout on CPU), restoring the previous setting after.
+    - ``checkpoint``, when given (a :class:`cellsearch.checkpoint.Checkpointer`),
+      restores a saved loop state before training and saves one after every
+      completed epoch; a run resumed that way ends with the same result as an
+      uninterrupted one (on CPU; ``max_seconds`` counts from the resume).
     - ``progress``, when given, is called with a dict after every step
       (``kind='step'``: step, total_steps, epoch, loss, learning_rate) and every
       evaluation (``kind='epoch'``: also score, valid_loss, valid_accuracy).
     """
-    start = time.perf_counter()
-    device = torch.device(device)
-    hidden_size = solve_hidden_size(spec, task.vocab_size, hparams.num_layers, hparams.parameter_budget)
-    parameter_count = model_parameter_count(spec, task.vocab_size, hparams.num_layers, hidden_size)
-    state = _RunState()
-    fork_devices = [device.index or 0] if device.type == "cuda" else []
-    try:
-        with _threads(num_threads), torch.random.fork_rng(devices=fork_devices):
-            torch.manual_seed(seed)
-            status, message = _train(spec, task, hparams, budget, device, progress, state, start)
-    except _Stop as stop:
-        status, message = stop.status, stop.message
-    except Exception as error:  # noqa: BLE001 - only out-of-memory is turned into a status
-        if not _is_out_of_memory(error):
-            raise
-        status, message = "oom", str(error).splitlines()[0][:300]
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-    failed = status in ("diverged", "oom")
-    return TrainResult(
-        status=status,
-        score=0.0 if failed else state.best_score,
-        metrics={} if failed else dict(state.best_metrics),
-        steps=state.steps,
-        epochs=state.epochs,
-        duration_s=time.perf_counter() - start,
-        curve=tuple(state.curve),
-        hidden_size=hidden_size,
-        parameter_count=parameter_count,
-        hparams=hparams.to_dict(),
-        seed=seed,
-        message=message,
-    )
+    return run_members(spec, task, [GroupMember(hparams, seed)], budget, device, progress, num_threads, SingleMember.build,
+                       checkpoint=checkpoint)[0]
 
 
 @dataclass
@@ -386,9 +349,163 @@ def _held_out_metrics(task: Task, prefix: str, loss: float, accuracy: float) -> 
     return metrics
 
 
-def _train(spec, task, hparams, budget, device, progress, state: _RunState, start: float):
-    model = build_model(spec, task, hparams).to(device)
-    parameters = [p for p in model.parameters() if p.requires_grad]
+@dataclass(frozen=True)
+class GroupMember:
+    """One setting of a group: its hyperparameters and training seed."""
+
+    hparams: HyperParams
+    seed: int
+
+
+# ------------------------------------------------------------------- the one training loop
+class SingleMember:
+    """The one-member case of :func:`run_members`: a plain :class:`SequenceModel`.
+
+    Exactly the computation of a single run (``clip_grad_norm_``, an SGD step, the default
+    generator for dropout), so that a single run is bit-reproducible as before.
+    """
+
+    count = 1
+
+    def __init__(self, model: SequenceModel):
+        self.model = model
+        self.parameters = [p for p in model.parameters() if p.requires_grad]
+
+    @classmethod
+    def build(cls, spec: CellSpec, task: Task, members: Sequence[Any], device: torch.device) -> "SingleMember":
+        (member,) = members
+        torch.manual_seed(member.seed)
+        return cls(build_model(spec, task, member.hparams).to(device))
+
+    def train(self) -> None:
+        self.model.train()
+
+    def eval(self) -> None:
+        self.model.eval()
+
+    def losses(self, inputs, targets, scored, state):
+        logits, state = self.model(inputs, state)
+        loss, count, correct = _masked_loss(logits, targets, scored)
+        return loss.reshape(1), count, correct.reshape(1), state
+
+    def zero_grad(self) -> None:
+        for parameter in self.parameters:
+            parameter.grad = None
+
+    def clip_and_update(self, learning_rates: Sequence[float], max_norms: Sequence[float]) -> list[float]:
+        norm = float(nn.utils.clip_grad_norm_(self.parameters, max_norms[0]))
+        if math.isfinite(norm):
+            with torch.no_grad():
+                # plain SGD as torch.optim.SGD does it; a parameter without a gradient this step (the
+                # embedding of a cell whose output ignores x) is skipped
+                for parameter in self.parameters:
+                    if parameter.grad is not None:
+                        parameter.add_(parameter.grad, alpha=-learning_rates[0])
+        return [norm]
+
+    def keep(self, indices: Sequence[int]) -> None:
+        if list(indices) != [0]:
+            raise ValueError("a single run has one member")
+
+    def snapshot(self, index: int) -> dict[str, torch.Tensor]:
+        return copy.deepcopy(self.model.state_dict())
+
+    def restored(self, snapshots: Sequence[dict[str, torch.Tensor]]) -> "SingleMember":
+        (snapshot,) = snapshots
+        self.model.load_state_dict(snapshot)
+        return self
+
+
+def evaluate_members(members, tokens: torch.Tensor, mask: torch.Tensor | None, unroll: int) -> list[tuple[float, float]]:
+    """Per member: mean cross-entropy and accuracy over the scored targets of a batchified stream (state carried)."""
+    members.eval()
+    state = None
+    total_loss = [0.0] * members.count
+    total_correct = [0] * members.count
+    total_count = 0
+    with torch.no_grad():
+        for row in range(0, tokens.shape[0] - 1, unroll):
+            inputs, targets, scored = _window(tokens, mask, row, unroll)
+            losses, count, correct, state = members.losses(inputs, targets, scored, state)
+            for index, (loss, right) in enumerate(zip(losses.tolist(), correct.tolist())):
+                total_loss[index] += loss * count
+                total_correct[index] += int(right)
+            total_count += count
+    if total_count == 0:
+        raise ValueError("the held-out stream has no scored targets")
+    return [(loss / total_count, right / total_count) for loss, right in zip(total_loss, total_correct)]
+
+
+@dataclass(eq=False)  # identity: members are compared by who they are, not by their numbers
+class _Member:
+    """Everything the loop keeps for one member besides its weights."""
+
+    position: int
+    hparams: HyperParams
+    seed: int
+    schedule: PlateauHalving
+    run: _RunState = field(default_factory=_RunState)
+    status: str = "ok"
+    message: str = ""
+    best_state: dict[str, torch.Tensor] | None = None
+    epoch_loss: float = 0.0
+    end: float | None = None  # when it left the group
+    done: bool = False  # its result is final (nothing left to evaluate)
+
+
+def run_members(spec, task, members, budget, device, progress, num_threads, build, checkpoint=None) -> list[TrainResult]:
+    """Train ``members`` (objects with ``hparams`` and ``seed``, one shape) in lockstep; a TrainResult each.
+
+    ``build(spec, task, members, device)`` makes the members object (:class:`SingleMember` for one
+    run, :class:`cellsearch.batched_training.BatchedMembers` for a group); everything else (data,
+    steps, clipping, evaluation, the schedule, budgets, divergence, out of memory) is this loop.
+    """
+    start = time.perf_counter()
+    device = torch.device(device)
+    if checkpoint is not None and len(members) != 1:
+        raise ValueError("checkpoints are for single runs (one member)")
+    group = [
+        _Member(index, m.hparams, m.seed, PlateauHalving(m.hparams.learning_rate, budget.patience, budget.decay_epochs, budget.decay_factor))
+        for index, m in enumerate(members)
+    ]
+    hidden_size = solve_hidden_size(spec, task.vocab_size, group[0].hparams.num_layers, group[0].hparams.parameter_budget)
+    parameter_count = model_parameter_count(spec, task.vocab_size, group[0].hparams.num_layers, hidden_size)
+    fork_devices = [device.index or 0] if device.type == "cuda" else []
+    try:
+        with _threads(num_threads), torch.random.fork_rng(devices=fork_devices):
+            trained = build(spec, task, members, device)
+            _run(trained, group, task, budget, device, progress, start, checkpoint)
+    except Exception as error:  # noqa: BLE001 - only out-of-memory is turned into a status
+        if not _is_out_of_memory(error):
+            raise
+        for member in group:
+            if not member.done:
+                member.status, member.message = "oom", str(error).splitlines()[0][:300]
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    completed = time.perf_counter()
+    results = []
+    for member in group:
+        failed = member.status in ("diverged", "oom")
+        end = completed if member.end is None else member.end
+        results.append(TrainResult(
+            status=member.status,
+            score=0.0 if failed else member.run.best_score,
+            metrics={} if failed else dict(member.run.best_metrics),
+            steps=member.run.steps,
+            epochs=member.run.epochs,
+            duration_s=(end - start) / len(group),
+            curve=tuple(member.run.curve),
+            hidden_size=hidden_size,
+            parameter_count=parameter_count,
+            hparams=member.hparams.to_dict(),
+            seed=member.seed,
+            message=member.message,
+        ))
+    return results
+
+
+def _run(trained, group: list[_Member], task, budget, device, progress, start: float, checkpoint=None) -> None:
     train_tokens, train_mask = batchify(task.splits["train"], task.batch_size, device)
     valid_tokens, valid_mask = batchify(task.splits["valid"].head(budget.eval_tokens), task.eval_batch_size, device)
     windows_per_pass = math.ceil((train_tokens.shape[0] - 1) / task.unroll)
@@ -396,85 +513,141 @@ def _train(spec, task, hparams, budget, device, progress, state: _RunState, star
     total_steps = budget.max_epochs * steps_per_epoch
     if budget.max_steps is not None:
         total_steps = min(total_steps, budget.max_steps)
-    schedule = PlateauHalving(hparams.learning_rate, budget.patience, budget.decay_epochs, budget.decay_factor)
-    # Plain SGD, as in the paper; a parameter without a gradient this step (e.g. the embedding of
-    # a cell whose output ignores x) is skipped, as torch.optim does.
-    optimizer = torch.optim.SGD(parameters, lr=schedule.learning_rate)
-    best_state: dict[str, torch.Tensor] | None = None
+    # A group shares the wall clock: each member's share of it is what it would have alone.
+    max_seconds = None if budget.max_seconds is None else budget.max_seconds * len(group)
+    active = list(group)
+    finished: list[_Member] = []  # left with status ok, awaiting the test evaluation
     row, carried = 0, None
-    status, message = "ok", ""
+    steps = epochs = 0
 
-    def evaluate_now(epoch_loss: float, epoch_steps: int) -> None:
-        nonlocal best_state
-        loss, accuracy = evaluate(model, valid_tokens, valid_mask, task.unroll)
-        if not math.isfinite(loss):
-            raise _Stop("diverged", f"held-out loss {loss} after step {state.steps}")
-        score = task.score(loss, accuracy)
-        point = {
-            "epoch": state.epochs,
-            "step": state.steps,
-            "learning_rate": schedule.learning_rate,
-            "train_loss": epoch_loss / max(epoch_steps, 1),
-            "score": score,
-            **_held_out_metrics(task, "valid", loss, accuracy),
-        }
-        state.curve.append(point)
-        if score > state.best_score or not state.best_metrics:
-            state.best_score = score
-            state.best_metrics = {"best_epoch": state.epochs, **_held_out_metrics(task, "valid", loss, accuracy)}
-            if budget.evaluate_test:
-                best_state = copy.deepcopy(model.state_dict())
-        if progress is not None:
-            progress({"kind": "epoch", **point, "total_steps": total_steps, "elapsed_s": time.perf_counter() - start})
+    def leave(leaving: list[_Member]) -> None:
+        nonlocal active, carried, trained
+        if not leaving:
+            return
+        now = time.perf_counter()
+        for member in leaving:
+            member.end = now
+            if member.status in ("ok", "timeout") and budget.evaluate_test and "test" in task.splits:
+                finished.append(member)
+            else:
+                member.done = True
+        kept = [i for i, m in enumerate(active) if m not in leaving]
+        active = [active[i] for i in kept]
+        if active and len(kept) < trained.count:
+            trained.keep(kept)
+            carried = _select(carried, kept)
+
+    def evaluate_now(epoch_steps: int) -> None:
+        held_out = evaluate_members(trained, valid_tokens, valid_mask, task.unroll)
+        diverged = []
+        for member, (loss, accuracy) in zip(active, held_out):
+            if not math.isfinite(loss):
+                member.status, member.message = "diverged", f"held-out loss {loss} after step {member.run.steps}"
+                diverged.append(member)
+                continue
+            state = member.run
+            score = task.score(loss, accuracy)
+            point = {
+                "epoch": state.epochs,
+                "step": state.steps,
+                "learning_rate": member.schedule.learning_rate,
+                "train_loss": member.epoch_loss / max(epoch_steps, 1),
+                "score": score,
+                **_held_out_metrics(task, "valid", loss, accuracy),
+            }
+            state.curve.append(point)
+            if score > state.best_score or not state.best_metrics:
+                state.best_score = score
+                state.best_metrics = {"best_epoch": state.epochs, **_held_out_metrics(task, "valid", loss, accuracy)}
+                if budget.evaluate_test:
+                    member.best_state = trained.snapshot(active.index(member))
+            if progress is not None:
+                progress({"kind": "epoch", **point, "total_steps": total_steps, "elapsed_s": time.perf_counter() - start,
+                          "member": member.position})
+        leave(diverged)
 
     running = True
-    while running and state.epochs < budget.max_epochs:
-        model.train()
+    if checkpoint is not None:
+        (member,) = group
+        resumed = checkpoint.restore(trained.model, member.schedule, member.run)
+        if resumed is not None:
+            row, carried, member.best_state, running = resumed.row, resumed.carried, resumed.best_model, not resumed.finished
+            steps, epochs = member.run.steps, member.run.epochs
+    while running and active and epochs < budget.max_epochs:
+        trained.train()
         if budget.steps_per_epoch is None:
             row, carried = 0, None
-        epoch_loss, epoch_steps = 0.0, 0
+        epoch_steps = 0
+        for member in active:
+            member.epoch_loss = 0.0
         for _ in range(steps_per_epoch):
             if row >= train_tokens.shape[0] - 1:
                 row, carried = 0, None
             inputs, targets, scored = _window(train_tokens, train_mask, row, task.unroll)
             row += inputs.shape[0]
-            logits, carried = model(inputs, _detach(carried))
-            loss, _, _ = _masked_loss(logits, targets, scored)
-            loss_value = loss.item()
-            if not math.isfinite(loss_value):
-                raise _Stop("diverged", f"training loss {loss_value} at step {state.steps + 1}")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            norm = float(nn.utils.clip_grad_norm_(parameters, hparams.max_grad_norm))
-            if not math.isfinite(norm):
-                raise _Stop("diverged", f"gradient norm {norm} at step {state.steps + 1}")
-            for group in optimizer.param_groups:
-                group["lr"] = schedule.learning_rate
-            optimizer.step()
-            state.steps += 1
-            epoch_loss += loss_value
+            losses, _, _, carried = trained.losses(inputs, targets, scored, _detach(carried))
+            loss_values = losses.tolist()
+            trained.zero_grad()
+            losses.sum().backward()
+            norms = trained.clip_and_update([m.schedule.learning_rate for m in active], [m.hparams.max_grad_norm for m in active])
+            diverged = []
+            for member, loss_value, norm in zip(active, loss_values, norms):
+                if not math.isfinite(loss_value):
+                    member.status, member.message = "diverged", f"training loss {loss_value} at step {steps + 1}"
+                elif not math.isfinite(norm):
+                    member.status, member.message = "diverged", f"gradient norm {norm} at step {steps + 1}"
+                else:
+                    member.run.steps += 1
+                    member.epoch_loss += loss_value
+                    if progress is not None:
+                        progress({
+                            "kind": "step", "step": member.run.steps, "total_steps": total_steps, "epoch": member.run.epochs,
+                            "loss": loss_value, "learning_rate": member.schedule.learning_rate, "member": member.position,
+                        })
+                    continue
+                diverged.append(member)
+            steps += 1
             epoch_steps += 1
-            if progress is not None:
-                progress({
-                    "kind": "step", "step": state.steps, "total_steps": total_steps, "epoch": state.epochs,
-                    "loss": loss_value, "learning_rate": schedule.learning_rate,
-                })
-            if budget.max_steps is not None and state.steps >= budget.max_steps:
+            leave(diverged)
+            if not active:
+                break
+            if budget.max_steps is not None and steps >= budget.max_steps:
                 running = False
                 break
-            if budget.max_seconds is not None and time.perf_counter() - start >= budget.max_seconds:
-                running, status, message = False, "timeout", f"wall-clock cap of {budget.max_seconds:g} s reached"
+            if max_seconds is not None and time.perf_counter() - start >= max_seconds:
+                running = False
+                for member in active:
+                    member.status, member.message = "timeout", f"wall-clock cap of {budget.max_seconds:g} s reached"
                 break
+        if not active:
+            break
         if epoch_steps == steps_per_epoch:
-            state.epochs += 1
-        if epoch_steps or not state.curve:
-            evaluate_now(epoch_loss, epoch_steps)
-        if running and epoch_steps == steps_per_epoch:
-            running = schedule.update(state.curve[-1]["score"])
-    if budget.evaluate_test and "test" in task.splits:
-        if best_state is not None:
-            model.load_state_dict(best_state)
+            epochs += 1
+            for member in active:
+                member.run.epochs += 1
+        if epoch_steps or not active[0].run.curve:
+            evaluate_now(epoch_steps)
+        if running and active and epoch_steps == steps_per_epoch:
+            leave([m for m in active if not m.schedule.update(m.run.curve[-1]["score"])])
+        if checkpoint is not None and epoch_steps == steps_per_epoch and group[0].status == "ok":
+            checkpoint.save(trained.model, group[0].schedule, group[0].run, row=row, carried=carried,
+                            best_model=group[0].best_state, finished=not (running and active))
+    leave(list(active))
+    if finished:
+        tested = [m for m in group if m in finished]
+        restored = trained.restored([m.best_state for m in tested])
         test_tokens, test_mask = batchify(task.splits["test"], task.eval_batch_size, device)
-        loss, accuracy = evaluate(model, test_tokens, test_mask, task.unroll)
-        state.best_metrics.update(_held_out_metrics(task, "test", loss, accuracy))
-    return status, message
+        for member, (loss, accuracy) in zip(tested, evaluate_members(restored, test_tokens, test_mask, task.unroll)):
+            member.run.best_metrics.update(_held_out_metrics(task, "test", loss, accuracy))
+            member.done = True
+
+
+def _select(state: Any, indices: list[int]) -> Any:
+    """The carried state of the members at ``indices`` (leading member dimension)."""
+    if state is None:
+        return None
+    if isinstance(state, torch.Tensor):
+        return state[indices]
+    return tuple(_select(s, indices) for s in state)
+
+

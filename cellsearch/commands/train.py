@@ -4,8 +4,10 @@ The cell is a reference name or a cell file. Without ``--sample`` the task's
 default setting for the profile is trained, changed by any ``--set KEY=VALUE``
 (hyperparameters such as ``learning_rate`` and budget keys such as
 ``max_steps``). With ``--sample N`` that many distinct settings are drawn from
-the profile's space through Optuna (random sampling, seeded by ``--seed``) and
-trained one after the other. A progress bar goes to stderr; the final metrics
+the profile's space through Optuna (random sampling, seeded by ``--seed``);
+settings of the same shape (layers, width, dropout) train together as one batched
+model (same results up to rounding, faster; ``--no-batch`` trains them one after
+the other). A progress bar goes to stderr; the final metrics
 are printed as a table, or as JSON with ``--json``.
 """
 
@@ -42,6 +44,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--data-dir", help="data directory for ptb (else $CELLSEARCH_PTB_DIR)")
     parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    parser.add_argument("--no-batch", action="store_true",
+                        help="with --sample: train the settings one after the other instead of batching same-shape ones")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(func=run)
@@ -100,6 +104,28 @@ def _progress_bar(enabled: bool, description: str):
             # update() rather than refresh() so that tqdm throttles redrawing on fast steps.
             bar.set_postfix(loss=f"{event['loss']:.3f}", lr=f"{event['learning_rate']:.3g}", refresh=False)
             bar.update(event["step"] - bar.n)
+
+    return bar, update
+
+
+def _settings_progress_bar(enabled: bool, description: str, count: int):
+    """One bar over the steps of ``count`` settings trained together (events carry a ``member`` key)."""
+    if not enabled:
+        return None, None
+    from tqdm import tqdm
+
+    bar = tqdm(desc=description, unit="step", file=sys.stderr, dynamic_ncols=True, leave=False)
+    steps: dict[int, int] = {}
+
+    def update(event: dict[str, Any]) -> None:
+        steps[event["member"]] = event["step"]
+        total = count * event["total_steps"]
+        if bar.total != total:
+            bar.total = total
+        bar.n = sum(steps.values())
+        if event["kind"] == "epoch":
+            bar.set_postfix(setting=event["member"] + 1, epoch=event["epoch"], score=f"{event['score']:.4f}")
+            bar.refresh()
 
     return bar, update
 
@@ -167,19 +193,32 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("the profile's space has no settings left to sample")
 
     cell_name = spec.name or args.cell
-    results = []
-    for index, (trial, hparams) in enumerate(settings, start=1):
-        bar, update = _progress_bar(not args.no_progress, f"{cell_name}/{task.name} {index}/{len(settings)}")
+    if len(settings) > 1 and not args.no_batch:
+        from cellsearch.batched_training import train_settings
+        from cellsearch.training import GroupMember
+
+        bar, update = _settings_progress_bar(not args.no_progress, f"{cell_name}/{task.name} {len(settings)} settings",
+                                             len(settings))
         try:
-            result = train_and_evaluate(
-                spec, task, hparams, budget, seed=args.seed, device=args.device, progress=update, num_threads=args.threads
-            )
+            results = train_settings(spec, task, [GroupMember(hparams, args.seed) for _, hparams in settings], budget,
+                                     device=args.device, progress=update, num_threads=args.threads)
         finally:
             if bar is not None:
                 bar.close()
-        if study is not None:
+    else:
+        results = []
+        for index, (trial, hparams) in enumerate(settings, start=1):
+            bar, update = _progress_bar(not args.no_progress, f"{cell_name}/{task.name} {index}/{len(settings)}")
+            try:
+                results.append(train_and_evaluate(
+                    spec, task, hparams, budget, seed=args.seed, device=args.device, progress=update, num_threads=args.threads
+                ))
+            finally:
+                if bar is not None:
+                    bar.close()
+    if study is not None:
+        for (trial, _), result in zip(settings, results):
             study.tell(trial, result.score)
-        results.append(result)
 
     if args.json:
         payload = {

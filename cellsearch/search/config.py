@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Mapping
 
+from cellsearch.batching import BatchingConfig
 from cellsearch.config import ConfigError, from_mapping, load_yaml, option, to_mapping
 from cellsearch.errors import UserError
 
@@ -53,7 +54,7 @@ class SearchConfig:
                                   rule=">= 2")
     settings_per_task: int = option(20, "K: hyperparameter settings per task per evaluation", check=lambda v: v >= 1,
                                     rule=">= 1")
-    settings_per_unit: int = option(5, "settings trained one after another inside one unit of work",
+    settings_per_unit: int = option(5, "settings per unit of work (same-shape ones train as one batched model)",
                                     check=lambda v: v >= 1, rule=">= 1")
     initial_cells: tuple[str, ...] = option(("gru", "lstm"), "reference cells the population starts with",
                                             check=lambda v: len(v) > 0 and len(set(v)) == len(v),
@@ -86,6 +87,8 @@ class SearchConfig:
                                        check=_positive, rule="> 0")
     resources: ResourcesConfig = option(None, "Ray resources of one unit", factory=ResourcesConfig)
     device: str = option("cpu", "torch device units train on ('cuda' with num_gpus > 0)")
+    batching: BatchingConfig = option(None, "train a unit's same-shape settings as one batched model",
+                                      factory=BatchingConfig)
     storage: str | None = option(None, "SQLAlchemy URL of the run database (null: SQLite in the run directory)")
     ptb_dir: str | None = option(None, f"Penn Treebank directory (null: ${PTB_ENV})")
 

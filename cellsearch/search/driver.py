@@ -402,6 +402,10 @@ class SearchDriver:
                                     seeds.derived_seed(self.config.seed, seeds.TRAIN_STREAM,
                                                        seeds.hash_key(active.cell_hash), task_index, trial.number))
                         for trial, setting in pairs]
+            if self.config.batching.enabled:
+                # same-shape settings side by side, so that a unit's settings can train as one batched model
+                # (layers, parameter budget and dropout fix the width for one cell and task)
+                settings.sort(key=lambda s: (s.hparams["num_layers"], s.hparams["parameter_budget"], s.hparams["dropout"]))
             group = self.config.settings_per_unit
             groups = [settings[i:i + group] for i in range(0, len(settings), group)] or [[]]
             for slot, chunk in enumerate(groups):
@@ -440,7 +444,7 @@ class SearchDriver:
             unit_id=unit_id, cell=json.loads(self._specs[active.cell_hash]), task=unit["task"],
             budget_profile=self.config.budget_profile,
             settings=tuple(SettingSpec.from_dict(s) for s in unit["settings"]), device=self.config.device,
-            num_threads=max(1, int(resources.num_cpus)))
+            num_threads=max(1, int(resources.num_cpus)), batching=self.config.batching.to_dict())
         self._unit_step[unit_id] = active.step
         self._ready.append(unit_id)
 

@@ -1,18 +1,19 @@
 """The unit of work: one cell x one task x a group of hyperparameter settings.
 
-:func:`run_unit` is everything a worker does. It trains the unit's settings
-one after another today; a later version may train the whole group as one
-batched model behind the same interface (``run_unit(unit, task) ->
-list[TrainResult]``, one result per setting, in order). A :class:`UnitSpec`
-holds only plain data (the cell as a dict, settings as dicts), so it pickles
-cheaply and means the same thing on every node.
+:func:`run_unit` is everything a worker does: ``run_unit(unit, task) ->
+list[TrainResult]``, one result per setting, in order. Settings of the same
+shape (layers, width, dropout) train as one batched model
+(:func:`cellsearch.batched_training.train_settings`; results equal training
+them one after another up to rounding) unless the unit's ``batching`` config
+switches it off. A :class:`UnitSpec` holds only plain data (the cell as a dict,
+settings as dicts), so it pickles cheaply and means the same thing on every node.
 """
 
 from __future__ import annotations
 
 import os
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 __all__ = ["SettingSpec", "UnitSpec", "run_unit", "worker_info"]
@@ -45,21 +46,25 @@ class UnitSpec:
     settings: tuple[SettingSpec, ...]
     device: str = "cpu"
     num_threads: int = 1
+    batching: Mapping[str, Any] = field(default_factory=dict)  # BatchingConfig keys; empty: its defaults
 
 
 def run_unit(unit: UnitSpec, task) -> list:
-    """Train every setting of ``unit`` on ``task`` (a :class:`cellsearch.tasks.Task`); one TrainResult each."""
+    """Train every setting of ``unit`` on ``task`` (a :class:`cellsearch.tasks.Task`); one TrainResult each.
+
+    Same-shape settings train as one batched model unless ``unit.batching`` switches it off (see
+    :func:`cellsearch.batched_training.train_settings`).
+    """
+    from cellsearch.batched_training import BatchingConfig, train_settings
     from cellsearch.hparams import HyperParams
     from cellsearch.spec import CellSpec
-    from cellsearch.training import train_and_evaluate
+    from cellsearch.training import GroupMember
 
     spec = CellSpec.from_dict(dict(unit.cell))
     budget = task.budget(unit.budget_profile)
-    return [
-        train_and_evaluate(spec, task, HyperParams.from_dict(setting.hparams), budget, setting.seed,
-                           device=unit.device, num_threads=unit.num_threads)
-        for setting in unit.settings
-    ]
+    members = [GroupMember(HyperParams.from_dict(setting.hparams), setting.seed) for setting in unit.settings]
+    return train_settings(spec, task, members, budget, device=unit.device, num_threads=unit.num_threads,
+                          config=BatchingConfig.from_dict(dict(unit.batching)))
 
 
 def worker_info() -> dict[str, Any]:

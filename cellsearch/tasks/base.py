@@ -36,7 +36,7 @@ import numpy as np
 from cellsearch.config import ConfigError, from_mapping, load_yaml, option, to_mapping
 from cellsearch.hparams import HyperParameterSpace, HyperParams
 
-__all__ = ["Budget", "Profile", "TaskFile", "Split", "Task", "PROFILES", "load_task_file", "encode_text", "data_config"]
+__all__ = ["Budget", "Profile", "RetrainPreset", "TaskFile", "Split", "Task", "PROFILES", "load_task_file", "encode_text", "data_config"]
 
 PROFILES = ("smoke", "small", "paper")
 METRICS = ("accuracy", "inverse_perplexity")
@@ -90,6 +90,15 @@ class Profile:
 
 
 @dataclass(frozen=True)
+class RetrainPreset:
+    """A retrain preset as written in a task file: one setting and one budget (``cellsearch retrain --preset``)."""
+
+    description: str = option("", "one line for humans")
+    hparams: HyperParams = option(factory=HyperParams, why="the setting every retrained cell gets")
+    budget: Budget = option(factory=Budget, why="run length and learning-rate decay")
+
+
+@dataclass(frozen=True)
 class TaskFile:
     """The contents of ``tasks/NAME.yaml``."""
 
@@ -105,6 +114,7 @@ class TaskFile:
     space: HyperParameterSpace = option(factory=HyperParameterSpace, why="hyperparameter lists (paper's by default)")
     defaults: HyperParams = option(factory=HyperParams, why="the setting used when none is given")
     profiles: dict[str, Profile] = option(factory=dict, why="smoke, small and paper budgets")
+    retrain_presets: dict[str, RetrainPreset] = option(factory=dict, why="settings for cellsearch retrain --preset")
 
 
 @dataclass(frozen=True)

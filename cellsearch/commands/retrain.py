@@ -1,0 +1,73 @@
+"""``cellsearch retrain SOURCE --task TASK``: retrain cells against baselines at the same parameter budget.
+
+SOURCE is ``RUN_DIR:HASH`` (a cell of a search), ``RUN_DIR --top N`` (its N
+best cells), a cell file or a reference cell name. Each cell and each baseline
+is trained with the task's retrain preset once per seed; a checkpoint is
+written every epoch and running the same command again resumes. The summary
+table (mean and spread over seeds per cell) is printed at the end; everything
+else is in ``--out`` (see :mod:`cellsearch.retrain`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("retrain", help="retrain cells and baselines with a task's preset, several seeds")
+    parser.add_argument("source", metavar="SOURCE", nargs="?",
+                        help="RUN_DIR:HASH, RUN_DIR (with --top N), a .json/.yaml cell file or a reference cell name")
+    parser.add_argument("--task", required=True, help="task name (memorize, arithmetic, xml, ptb)")
+    parser.add_argument("--preset", default="quick", help="retrain preset of the task (retrain_presets in tasks/TASK.yaml; "
+                        "default quick)")
+    parser.add_argument("--top", type=int, metavar="N", help="with a run directory: retrain its N best cells")
+    parser.add_argument("--seeds", type=int, default=2, metavar="N", help="seeds per cell (default 2)")
+    parser.add_argument("--seed", type=int, default=0, help="base seed the training seeds derive from (default 0)")
+    parser.add_argument("--baselines", default="gru,lstm_b",
+                        help="comma-separated reference cells trained alongside ('' for none; default gru,lstm_b)")
+    parser.add_argument("--out", metavar="DIR", help="output directory (default retrain-TASK-PRESET)")
+    parser.add_argument("--data-dir", help="data directory for ptb (else $CELLSEARCH_PTB_DIR)")
+    parser.add_argument("--in-process", action="store_true", help="run here, one run after another, without Ray")
+    parser.add_argument("--workers", type=int, metavar="N", help="CPUs of the embedded Ray instance (default all)")
+    parser.add_argument("--address", help="attach to a running Ray cluster (e.g. 'auto'; RAY_ADDRESS also works)")
+    parser.add_argument("--cpus-per-run", type=float, default=1.0, help="CPUs (torch threads) per run (default 1)")
+    parser.add_argument("--gpus-per-run", type=float, default=0.0, help="GPUs per run (fractions share one)")
+    parser.add_argument("--device", default="cpu", help="torch device of each run (default cpu)")
+    parser.add_argument("--list-presets", action="store_true", help="list the task's presets and exit")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from cellsearch.errors import UserError
+    from cellsearch.retrain import load_presets, resolve_source, retrain, summary_markdown
+
+    if args.list_presets:
+        for name, preset in load_presets(args.task).items():
+            print(f"{name:<16} {preset.description}")
+        return 0
+    if args.source is None:
+        raise UserError("give a SOURCE: RUN_DIR:HASH, RUN_DIR --top N, a cell file or a reference cell name")
+    if args.workers is not None and args.workers < 1:
+        raise UserError("--workers must be at least 1")
+    cells = resolve_source(args.source, args.top)
+    baselines = [name.strip() for name in args.baselines.split(",") if name.strip()]
+    out_dir = args.out or f"retrain-{args.task}-{args.preset}"
+
+    def on_done(record: dict, done: int, total: int) -> None:
+        metrics = record.get("metrics", {})
+        shown = ", ".join(f"{key} {value:.4g}" for key, value in metrics.items()
+                          if key.startswith(("valid_", "test_")) and not key.endswith("_loss"))
+        resumed = record.get("resumed_from_epoch")
+        note = f", resumed from epoch {resumed}" if resumed is not None else ""
+        print(f"[{done}/{total}] {record['label']} seed {record['seed_index']}: {record['status']}"
+              f"{', ' + shown if shown else ''} ({record['duration_s']:.0f} s{note})", file=sys.stderr, flush=True)
+
+    results = retrain(
+        cells, args.task, args.preset, out_dir, seeds=args.seeds, base_seed=args.seed, baselines=baselines,
+        data_dir=args.data_dir, in_process=args.in_process, workers=args.workers, address=args.address,
+        num_cpus=args.cpus_per_run, num_gpus=args.gpus_per_run, device=args.device, on_done=on_done,
+    )
+    print(summary_markdown(results))
+    print(f"results, curves (CSV, PNG), summary (CSV, markdown) and checkpoints in {results.out_dir}")
+    return 0

@@ -1,0 +1,379 @@
+"""``cellsearch report``: a self-contained folder (HTML, PNG, CSV) describing a search and its retrains.
+
+:func:`write_report` reads a run directory through :func:`cellsearch.load_run`
+and writes, into one folder that can be opened offline or copied anywhere:
+
+``index.html``
+    one page linking every file below (relative links only; every text
+    from the run is HTML-escaped);
+``leaderboard.csv``
+    every cell that passed every filter, best first, with its per-task
+    ratios to the reference cell (the GRU) and its score (the minimum ratio);
+``best_vs_evaluations.csv``, ``best_vs_evaluations.png``
+    the best score among non-reference cells after each committed evaluation;
+``ratios.csv``, ``ratios.png``
+    the distribution of per-task ratios of every cell evaluated on that task;
+``filters.csv``
+    how many proposed cells were duplicates, failed memorisation, were
+    stopped at each task, passed every task and entered the population;
+``cells/RANK-HASH.png``, ``cells/RANK-HASH.txt``
+    drawings and equations of the top cells;
+``lineage.csv``
+    the ancestors of the best cells back to a seed cell (GRU or LSTM), with
+    the mutation applied at each step;
+``retrain_summary.csv``, ``retrain_results.csv``, ``retrain_curves.csv``, ``retrain_curves.png``
+    when a retrain output directory is given (:mod:`cellsearch.retrain`).
+
+Ratios are relative to the reference cell's best score on each task at the
+time the report is written (it rises as the reference is re-evaluated); the
+best-score curve uses those same final denominators throughout, so it shows
+how good the cells found by then look against the final reference.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import pandas as pd
+
+from cellsearch.errors import UserError
+
+__all__ = ["write_report", "best_vs_evaluations", "filter_statistics", "lineage_table", "ReportFiles"]
+
+
+@dataclass(frozen=True)
+class ReportFiles:
+    """Where a report was written and the files it consists of (relative to ``out_dir``)."""
+
+    out_dir: Path
+    files: tuple[str, ...]
+
+    @property
+    def index(self) -> Path:
+        return self.out_dir / "index.html"
+
+
+# ------------------------------------------------------------------------------ tables
+def best_vs_evaluations(run, cells: pd.DataFrame) -> pd.DataFrame:
+    """Best score among non-reference cells after each committed evaluation (in commit order).
+
+    A cell is scored once it has a result on every task; its score is the
+    minimum over tasks of its best so far divided by the reference cell's final
+    best (``cells.attrs['reference_best']``).
+    """
+    evaluations = run.evaluations()
+    tasks = list(run.tasks)
+    reference_best = cells.attrs.get("reference_best", {})
+    reference = run.reference_hash
+    best: dict[tuple[str, str], float] = {}
+    running_best = math.nan
+    rows = []
+    for number, row in enumerate(evaluations.itertuples(index=False), start=1):
+        if row.task in tasks and row.cell != reference:
+            key = (row.cell, row.task)
+            score = float(row.score) if row.score is not None and not pd.isna(row.score) else 0.0
+            best[key] = max(best.get(key, -math.inf), score)
+            if all((row.cell, task) in best for task in tasks):
+                ratios = [best[(row.cell, task)] / reference_best[task] if reference_best.get(task) else math.nan
+                          for task in tasks]
+                cell_score = min(ratios)
+                if not math.isnan(cell_score) and (math.isnan(running_best) or cell_score > running_best):
+                    running_best = cell_score
+        rows.append({"evaluations": number, "cell": row.cell, "task": row.task, "best_score": running_best})
+    return pd.DataFrame(rows, columns=["evaluations", "cell", "task", "best_score"])
+
+
+def filter_statistics(cells: pd.DataFrame, tasks: Sequence[str], memorize_task: str | None,
+                      population_changes: pd.DataFrame) -> pd.DataFrame:
+    """How the proposed cells fared at each filter."""
+    seeds = cells[cells["parent"].isna()]
+    candidates = cells[cells["parent"].notna()]
+    rejected_by = candidates["rejected_by"].fillna("")
+    rows = [
+        ("seed cells (not filtered)", len(seeds)),
+        ("candidates proposed by mutation", len(candidates)),
+        ("duplicates (skipped)", int((rejected_by == "duplicate").sum())),
+    ]
+    if memorize_task:
+        rows.append((f"failed memorisation ({memorize_task})", int((rejected_by == memorize_task).sum())))
+    for task in tasks:
+        rows.append((f"stopped at {task}", int((rejected_by == task).sum())))
+    rows.append(("still being evaluated", int((candidates["status"] == "evaluating").sum())))
+    rows.append(("passed every task", int(candidates["status"].isin(["population", "evaluated"]).sum())))
+    entered = set(population_changes.loc[population_changes["action"] == "enter", "cell_hash"])
+    rows.append(("candidates that entered the population", len(entered & set(candidates["hash"]))))
+    rows.append(("candidates in the population now", int((candidates["status"] == "population").sum())))
+    return pd.DataFrame(rows, columns=["filter", "cells"])
+
+
+def _describe_mutation(mutation_json: Any) -> str:
+    if not isinstance(mutation_json, str):
+        return "seed cell"
+    record = json.loads(mutation_json)
+    try:
+        from cellsearch.mutation import Mutation
+
+        mutation = Mutation.from_dict(record)
+        return "; ".join(f"{operation.kind}: {operation.describe()}" for operation in mutation.operations)
+    except Exception:  # an older or foreign record: show its operations as stored
+        return "; ".join(str(operation) for operation in record.get("operations", ()))
+
+
+def _label(row: Any) -> str:
+    name = getattr(row, "name", None)
+    return name if isinstance(name, str) and name else row.short_hash
+
+
+def lineage_table(run, hashes: Sequence[str]) -> pd.DataFrame:
+    """For each cell in ``hashes``: its chain of ancestors (oldest first) with the mutation that made each."""
+    rows = []
+    for rank, cell_hash in enumerate(hashes, start=1):
+        chain = run.lineage(cell_hash).iloc[::-1].reset_index(drop=True)
+        for depth, row in enumerate(chain.itertuples(index=False)):
+            rows.append({"rank": rank, "cell": cell_hash[:12], "depth": depth, "ancestor": _label(row),
+                         "hash": row.hash, "step_created": row.step_created, "score": row.score,
+                         "mutation": _describe_mutation(row.mutation_json)})
+    return pd.DataFrame(rows, columns=["rank", "cell", "depth", "ancestor", "hash", "step_created", "score",
+                                       "mutation"])
+
+
+# ------------------------------------------------------------------------------ plots
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _plot_best(curve: pd.DataFrame, reference_cell: str, path: Path) -> None:
+    plt = _pyplot()
+    figure, axis = plt.subplots(figsize=(7, 4))
+    if curve["best_score"].notna().any():
+        axis.step(curve["evaluations"], curve["best_score"], where="post", label="best cell so far (reference excluded)")
+    else:
+        axis.text(0.5, 0.5, "no candidate scored on every task yet", ha="center", va="center",
+                  transform=axis.transAxes)
+    axis.axhline(1.0, color="grey", linestyle="--", label=f"{reference_cell} (reference)")
+    axis.set_xlabel("evaluations spent (trained settings)")
+    axis.set_ylabel(f"score (min over tasks of ratio to {reference_cell})")
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def _plot_ratios(ratios: pd.DataFrame, tasks: Sequence[str], reference_cell: str, path: Path) -> None:
+    plt = _pyplot()
+    figure, axes = plt.subplots(1, max(len(tasks), 1), figsize=(3.6 * max(len(tasks), 1), 3.4), squeeze=False)
+    for axis, task in zip(axes[0], tasks):
+        values = ratios.loc[ratios["task"] == task, "ratio"].dropna()
+        if len(values):
+            axis.hist(values, bins=min(30, max(5, len(values) // 2)), color="tab:blue", alpha=0.8)
+        else:
+            axis.text(0.5, 0.5, "no evaluated cells", ha="center", va="center", transform=axis.transAxes)
+        axis.axvline(1.0, color="grey", linestyle="--")
+        axis.set_title(task)
+        axis.set_xlabel(f"best / {reference_cell} best")
+    axes[0][0].set_ylabel("cells")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+# ------------------------------------------------------------------------------- html
+def _table_html(table: pd.DataFrame) -> str:
+    def cell(value: Any) -> str:
+        if isinstance(value, float):
+            text = "-" if math.isnan(value) else f"{value:.4g}"
+        else:
+            text = "-" if value is None else str(value)
+        return f"<td>{html.escape(text)}</td>"
+
+    head = "".join(f"<th>{html.escape(str(column))}</th>" for column in table.columns)
+    body = "".join("<tr>" + "".join(cell(value) for value in row) + "</tr>" for row in table.itertuples(index=False))
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _link(path: str, text: str | None = None) -> str:
+    return f'<a href="{html.escape(path, quote=True)}">{html.escape(text or path)}</a>'
+
+
+def _image(path: str, alt: str) -> str:
+    return f'<img src="{html.escape(path, quote=True)}" alt="{html.escape(alt, quote=True)}">'
+
+
+_STYLE = """
+body { font-family: sans-serif; margin: 2em; max-width: 1200px; color: #222; }
+table { border-collapse: collapse; margin: 0.5em 0 1.5em; font-size: 0.9em; }
+th, td { border: 1px solid #ccc; padding: 3px 8px; text-align: right; }
+th { background: #f2f2f2; }
+td:first-child, th:first-child { text-align: left; }
+pre { background: #f7f7f7; padding: 0.6em; overflow-x: auto; }
+img { max-width: 100%; border: 1px solid #eee; }
+.cell { display: inline-block; vertical-align: top; margin: 0 1.5em 1.5em 0; max-width: 540px; }
+.note { color: #555; font-size: 0.9em; }
+"""
+
+
+# ------------------------------------------------------------------------------- main
+def write_report(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None,
+                 retrain_dir: str | os.PathLike | None = None, top: int = 10, drawn: int = 5,
+                 lineages: int = 3) -> ReportFiles:
+    """Write the report of the search in ``run_dir`` (and of a retrain) into ``out_dir``; see the module doc.
+
+    ``top`` cells go in the leaderboard table of the page (the CSV holds all),
+    ``drawn`` of them are drawn with their equations and the lineages of the
+    best ``lineages`` are traced. ``out_dir`` defaults to ``RUN_DIR/report``.
+    """
+    from cellsearch.results import load_run
+
+    if top < 1 or drawn < 0 or lineages < 0:
+        raise UserError("--top must be at least 1; --drawn and --lineages at least 0")
+    out = Path(out_dir) if out_dir is not None else Path(run_dir) / "report"
+    retrain = None
+    if retrain_dir is not None:
+        from cellsearch.retrain import load_retrain
+
+        retrain = load_retrain(retrain_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "cells").mkdir(exist_ok=True)
+    files: list[str] = []
+    sections: list[str] = []
+
+    run = load_run(run_dir)
+    try:
+        config = run.config
+        tasks = list(run.tasks)
+        reference_cell = config.reference_cell
+        cells = run.cells()
+        evaluations_count = len(run.evaluations())
+
+        # Leaderboard: the cells that passed every filter (as `cellsearch top`), best first.
+        scored = cells[cells["status"].isin(["population", "evaluated"]) & cells["score"].notna()].copy()
+        scored.insert(0, "rank", range(1, len(scored) + 1))
+        leaderboard_columns = ["rank", "hash", "short_hash", "name", "status", "rejected_by", "step_created", "nodes",
+                               "params_per_width", *[f"best_{t}" for t in tasks], *[f"ratio_{t}" for t in tasks],
+                               "score", "evaluations", "parent"]
+        leaderboard = scored[leaderboard_columns]
+        leaderboard.to_csv(out / "leaderboard.csv", index=False)
+        files.append("leaderboard.csv")
+        shown = leaderboard.head(top).drop(columns=["hash", "parent"])
+        reference_best = cells.attrs.get("reference_best", {})
+        sections.append(
+            "<h2>Leaderboard</h2>"
+            f"<p class='note'>Ratios are each cell's best score on a task divided by the current best of the "
+            f"reference cell {html.escape(reference_cell)} there ("
+            + html.escape(", ".join(f"{task}: {value:.4g}" for task, value in reference_best.items()
+                                    if isinstance(value, float) and not math.isnan(value)))
+            + "); the score is the minimum ratio over tasks. Only cells that passed every filter are listed.</p>"
+            + _table_html(shown) + f"<p>All {len(leaderboard)} cells: {_link('leaderboard.csv')}</p>")
+
+        # Best score against evaluations spent.
+        curve = best_vs_evaluations(run, cells)
+        curve.to_csv(out / "best_vs_evaluations.csv", index=False)
+        _plot_best(curve, reference_cell, out / "best_vs_evaluations.png")
+        files += ["best_vs_evaluations.csv", "best_vs_evaluations.png"]
+        sections.append(
+            "<h2>Best score against evaluations spent</h2>"
+            f"<p class='note'>{evaluations_count} trained settings committed. Scores use the reference's current "
+            "best on each task throughout.</p>"
+            + _image("best_vs_evaluations.png", "best score against evaluations")
+            + f"<p>{_link('best_vs_evaluations.csv')}</p>")
+
+        # Distribution of per-task ratios.
+        ratios = pd.concat([pd.DataFrame({"task": task, "hash": cells["hash"], "ratio": cells[f"ratio_{task}"]})
+                            for task in tasks], ignore_index=True)
+        ratios = ratios[ratios["ratio"].notna() & (ratios["hash"] != run.reference_hash)]
+        ratios.to_csv(out / "ratios.csv", index=False)
+        _plot_ratios(ratios, tasks, reference_cell, out / "ratios.png")
+        files += ["ratios.csv", "ratios.png"]
+        counts = ", ".join(f"{task}: {int((ratios['task'] == task).sum())} cells" for task in tasks)
+        sections.append("<h2>Per-task ratios of evaluated cells</h2>"
+                        f"<p class='note'>{html.escape(counts)} (the reference cell excluded).</p>"
+                        + _image("ratios.png", "distribution of per-task ratios") + f"<p>{_link('ratios.csv')}</p>")
+
+        # Filter statistics.
+        filters = filter_statistics(cells, tasks, config.memorize_task, run.population_changes())
+        filters.to_csv(out / "filters.csv", index=False)
+        files.append("filters.csv")
+        sections.append("<h2>Filters</h2>" + _table_html(filters) + f"<p>{_link('filters.csv')}</p>")
+
+        # Drawings and equations of the top cells.
+        top_cells = leaderboard.head(drawn)
+        blocks = []
+        for row in top_cells.itertuples(index=False):
+            spec = run.spec(row.hash)
+            stem = f"cells/{row.rank:02d}-{row.short_hash}"
+            spec.draw(out / f"{stem}.png")
+            (out / f"{stem}.txt").write_text(spec.equations() + "\n", encoding="utf-8")
+            files += [f"{stem}.png", f"{stem}.txt"]
+            title = f"#{row.rank} {_label(row)} (score {row.score:.4g}, {row.nodes} nodes)"
+            blocks.append(f"<div class='cell'><h3>{html.escape(title)}</h3>"
+                          f"<pre>{html.escape(spec.equations())}</pre>{_image(stem + '.png', title)}"
+                          f"<p class='note'>hash {html.escape(row.hash)} · {_link(stem + '.txt', 'equations')}</p>"
+                          "</div>")
+        sections.append("<h2>Top cells</h2>" + ("".join(blocks) or "<p>No cell has been scored on every task yet.</p>"))
+
+        # Lineage of the best cells.
+        # Seed cells have no lineage to show: trace the best cells made by mutation.
+        best_hashes = list(leaderboard.loc[leaderboard["parent"].notna(), "hash"].head(lineages))
+        lineage = lineage_table(run, best_hashes)
+        lineage.to_csv(out / "lineage.csv", index=False)
+        files.append("lineage.csv")
+        parts = []
+        for rank, group in lineage.groupby("rank", sort=True):
+            shown_lineage = group[["depth", "ancestor", "step_created", "score", "mutation"]]
+            parts.append(f"<h3>{html.escape(group['cell'].iloc[0])}</h3>" + _table_html(shown_lineage))
+        sections.append("<h2>Lineage of the best cells</h2><p class='note'>From the seed cell (depth 0) to the cell, "
+                        "with the mutation that made each step.</p>"
+                        + ("".join(parts) or "<p>No candidate has been scored on every task yet.</p>")
+                        + f"<p>{_link('lineage.csv')}</p>")
+        title = f"cellsearch report: run {run.run_id}"
+        header = (f"<h1>{html.escape(title)}</h1><p class='note'>Run directory {html.escape(str(Path(run_dir)))}; "
+                  f"tasks {html.escape(', '.join(tasks))}; budget profile {html.escape(config.budget_profile)}; "
+                  f"{len(cells)} cells proposed; reference cell {html.escape(reference_cell)}.</p>")
+    finally:
+        run.close()
+
+    if retrain is not None:
+        retrain.summary.to_csv(out / "retrain_summary.csv", index=False)
+        retrain.runs.to_csv(out / "retrain_results.csv", index=False)
+        retrain.curves.to_csv(out / "retrain_curves.csv", index=False)
+        from cellsearch.retrain import plot_curves
+
+        plot_curves(retrain.curves, retrain.metrics, out / "retrain_curves.png")
+        files += ["retrain_summary.csv", "retrain_results.csv", "retrain_curves.csv", "retrain_curves.png"]
+        plan = retrain.plan
+        sections.append(
+            "<h2>Retraining</h2>"
+            f"<p class='note'>Task {html.escape(plan['task'])}, preset {html.escape(plan['preset'])}, "
+            f"{len(plan['seeds'])} seed(s) per cell, from {html.escape(str(retrain.out_dir))}.</p>"
+            + _table_html(retrain.summary)
+            + _image("retrain_curves.png", "retrain learning curves")
+            + "<p>" + " · ".join(_link(name) for name in ("retrain_summary.csv", "retrain_results.csv",
+                                                           "retrain_curves.csv")) + "</p>")
+
+    page = ("<!DOCTYPE html><html><head><meta charset='utf-8'>"
+            f"<title>{html.escape(title)}</title><style>{_STYLE}</style></head><body>"
+            + header + "".join(sections) + "</body></html>\n")
+    (out / "index.html").write_text(page, encoding="utf-8")
+    files.insert(0, "index.html")
+    _remove_stale_drawings(out, files)
+    return ReportFiles(out, tuple(files))
+
+
+def _remove_stale_drawings(out: Path, files: Sequence[str]) -> None:
+    """Drop drawings left by an earlier report in the same folder, so the folder matches the page."""
+    keep = {out / name for name in files}
+    for path in (out / "cells").iterdir():
+        if path not in keep and path.suffix in (".png", ".txt"):
+            path.unlink()
