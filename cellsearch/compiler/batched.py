@@ -38,10 +38,9 @@ from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
-from torch.autograd.function import once_differentiable
 
 from cellsearch.compiler.codegen import _NAMESPACE, SOURCE_NAMES, LayerPlan, build_plan
-from cellsearch.compiler.module import CellLayer, CellRNN
+from cellsearch.compiler.module import CellLayer, CellRNN, _recorder
 from cellsearch.spec import CellSpec
 
 __all__ = [
@@ -174,46 +173,6 @@ def compile_table(plan: LayerPlan) -> Callable:
     return _compile_table_source(plan.source)
 
 
-class _BatchedDeferredWeightGrad(torch.autograd.Function):
-    """The compiler's deferred weight gradient with a leading member dimension.
-
-    Identity on the carrier ``(K, rows, columns)``; in backward each step matrix ``(K, width,
-    columns)`` gets its gradient from one batched multiply of the recorded operands (stacked over
-    time) with the carrier's gradient, instead of one small multiply per step.
-    """
-
-    @staticmethod
-    def forward(ctx, carrier, operand_lists, time_dim, *weights):  # type: ignore[override]
-        ctx.operand_lists = operand_lists
-        ctx.time_dim = time_dim
-        return carrier.view_as(carrier)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad):  # type: ignore[override]
-        members = grad.shape[0]
-        grad_rows = grad.reshape(members, -1, grad.shape[-1])
-        weight_grads = []
-        for operands, needed in zip(ctx.operand_lists, ctx.needs_input_grad[3:]):
-            if needed:
-                stacked = torch.stack(operands, ctx.time_dim)
-                # (K, columns, width) transposed: the concatenated matrices get contiguous gradients
-                weight_grads.append(torch.bmm(grad_rows.transpose(1, 2), stacked.reshape(members, -1, stacked.shape[-1])).transpose(1, 2))
-            else:
-                weight_grads.append(None)
-        return (grad, None, None, *weight_grads)
-
-
-def _batched_recorder(time_dim: int):
-    def record(carrier, operand_lists, weights):
-        if torch.is_grad_enabled() and any(w.requires_grad for w in weights):
-            carrier = _BatchedDeferredWeightGrad.apply(carrier, operand_lists, time_dim, *weights)
-            return carrier, tuple(w.detach() for w in weights)
-        return carrier, weights
-
-    return record
-
-
 def _stack_in_place(module: nn.Module, members: int) -> None:
     """Give every parameter of ``module`` a leading member dimension (values: zeros)."""
     for owner in module.modules():
@@ -318,7 +277,7 @@ class BatchedCellRNN(nn.Module):
             batch = input.shape[2]
         initial = self._initial_state(state, batch, input)
         time_dim = 1
-        record = _batched_recorder(time_dim)
+        record = _recorder(time_dim, batched=True)
         finals = []
         layer_input = input
         for index, (layer, plan, function) in enumerate(zip(self.layers, self.plans, (first, *self._functions[1:]))):

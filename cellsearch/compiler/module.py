@@ -113,34 +113,40 @@ class _DeferredWeightGrad(torch.autograd.Function):
     The operand lists are filled by the loop after this node is created and read in backward;
     the loop stores them detached, so that they do not tie the graph into a reference cycle.
     Backward is once-differentiable: a double backward through a compiled cell raises.
+    With ``batched`` the carrier has a leading member dimension ``(K, rows, columns)`` and each
+    step matrix ``(K, width, columns)`` gets its gradient from one batched multiply
+    (:mod:`cellsearch.compiler.batched`).
     """
 
     @staticmethod
-    def forward(ctx, carrier, operand_lists, time_dim, *weights):  # type: ignore[override]
+    def forward(ctx, carrier, operand_lists, time_dim, batched, *weights):  # type: ignore[override]
         ctx.operand_lists = operand_lists
         ctx.time_dim = time_dim
+        ctx.batched = batched
         return carrier.view_as(carrier)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):  # type: ignore[override]
-        grad_rows = grad.reshape(-1, grad.shape[-1])
+        lead = (grad.shape[0],) if ctx.batched else ()
+        grad_rows = grad.reshape(lead + (-1, grad.shape[-1]))
         weight_grads = []
-        for operands, needed in zip(ctx.operand_lists, ctx.needs_input_grad[3:]):
+        for operands, needed in zip(ctx.operand_lists, ctx.needs_input_grad[4:]):
             if needed:
                 stacked = torch.stack(operands, ctx.time_dim)
                 # (columns, width) then transposed back: the concatenated (columns, width) matrix gets a
                 # contiguous gradient, so each node's rows reach its parameter without a copy
-                weight_grads.append(grad_rows.t().mm(stacked.reshape(-1, stacked.shape[-1])).t())
+                rows = stacked.reshape(lead + (-1, stacked.shape[-1]))
+                weight_grads.append(torch.matmul(grad_rows.transpose(-1, -2), rows).transpose(-1, -2))
             else:
                 weight_grads.append(None)
-        return (grad, None, None, *weight_grads)
+        return (grad, None, None, None, *weight_grads)
 
 
-def _recorder(time_dim: int):
+def _recorder(time_dim: int, batched: bool = False):
     def record(carrier, operand_lists, weights):
         if torch.is_grad_enabled() and any(w.requires_grad for w in weights):
-            carrier = _DeferredWeightGrad.apply(carrier, operand_lists, time_dim, *weights)
+            carrier = _DeferredWeightGrad.apply(carrier, operand_lists, time_dim, batched, *weights)
             return carrier, tuple(w.detach() for w in weights)
         return carrier, weights
 
