@@ -8,6 +8,12 @@
 # role `cellsearch` (password `cellsearch`; the tests create and drop one database per test) and a
 # database `cellsearch`. Idempotent: a server already running there is reused. Logs go to stderr;
 # stdout is only the URL. Stop it with: pg_ctl -D "$PGDATA_DIR" stop (as the user that owns it).
+#
+# Every role is trusted except members of the group role `cellsearch_password_auth`, which must give
+# their password (scram-sha-256): the credential tests create such a member to prove that a password
+# is never written to a run and that resume finds it in the environment. The fault tests restart this
+# server; they find its data directory and pg_ctl from the server itself (SHOW data_directory,
+# pg_config) or from CELLSEARCH_TEST_POSTGRES_DATA and CELLSEARCH_TEST_PG_CTL (exported by .ci/run).
 set -euo pipefail
 PGPORT="${PGPORT:-54329}"
 PGDATA_DIR="${PGDATA_DIR:-/tmp/cellsearch-postgres}"
@@ -48,5 +54,17 @@ if [ "$(psql_admin -c "SELECT 1 FROM pg_roles WHERE rolname = 'cellsearch'")" !=
 fi
 if [ "$(psql_admin -c "SELECT 1 FROM pg_database WHERE datname = 'cellsearch'")" != 1 ]; then
     psql_admin -c "CREATE DATABASE cellsearch OWNER cellsearch" >&2
+fi
+if [ "$(psql_admin -c "SELECT 1 FROM pg_roles WHERE rolname = 'cellsearch_password_auth'")" != 1 ]; then
+    psql_admin -c "CREATE ROLE cellsearch_password_auth NOLOGIN" >&2
+fi
+# First matching line wins: put the password rule for the group above initdb's trust lines.
+hba="$PGDATA_DIR/pg_hba.conf"
+if ! run_as grep -q '+cellsearch_password_auth' "$hba"; then
+    { echo "host all +cellsearch_password_auth 127.0.0.1/32 scram-sha-256"; run_as cat "$hba"; } \
+        | run_as tee "$hba.new" >/dev/null
+    run_as chmod 600 "$hba.new"
+    run_as mv "$hba.new" "$hba"
+    run_as "$bindir/pg_ctl" -D "$PGDATA_DIR" reload >&2
 fi
 echo "postgresql://cellsearch:cellsearch@127.0.0.1:$PGPORT/cellsearch"

@@ -7,15 +7,15 @@ Network Architectures" (ICML 2015). The currency of every layer is the immutable
 
 from __future__ import annotations
 
-from cellsearch import zoo
-from cellsearch.spec import CellSpec, CellSpecError, Node
-
 __version__ = "0.1.0"
 __all__ = ["CellSpec", "CellSpecError", "Node", "zoo", "__version__"]
 
-# Heavier parts (torch, Ray, Optuna) load on first use, so that `import cellsearch`
-# and `cellsearch show` stay fast.
+# Everything loads on first use: `import cellsearch` stays fast (torch, Ray and Optuna are heavy), and the
+# CLI can catch a Ctrl-C that arrives while its imports are still running.
 _LAZY = {
+    "CellSpec": ("cellsearch.spec", "CellSpec"),
+    "CellSpecError": ("cellsearch.spec", "CellSpecError"),
+    "Node": ("cellsearch.spec", "Node"),
     "CellRNN": ("cellsearch.compiler", "CellRNN"),
     "mutate": ("cellsearch.mutation", "mutate"),
     "Mutation": ("cellsearch.mutation", "Mutation"),
@@ -30,9 +30,11 @@ _LAZY = {
 
 
 def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
+    import importlib
 
+    if name == "zoo":
+        return importlib.import_module("cellsearch.zoo")
+    if name in _LAZY:
         module, attribute = _LAZY[name]
         return getattr(importlib.import_module(module), attribute)
     raise AttributeError(f"module 'cellsearch' has no attribute {name!r}")

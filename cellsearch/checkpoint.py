@@ -26,9 +26,12 @@ checkpoint intact.
 :func:`load_model` rebuilds the trained :class:`~cellsearch.training.SequenceModel`
 on any device; :func:`load_checkpoint` returns the validated contents.
 Anything wrong with a file (missing, truncated, garbage, pickled objects,
-another cell, a spec that does not match its hash) raises
-:class:`CheckpointError` (a :class:`~cellsearch.errors.UserError`) with a
-one-line reason.
+another cell, a spec that does not match its hash, a field of the wrong type,
+weights or a carried state whose names, shapes or dtypes do not fit the cell)
+raises :class:`CheckpointError` (a :class:`~cellsearch.errors.UserError`) with a
+one-line reason. Every field is checked before it is used, and the weights are
+compared with a model built on torch's ``meta`` device (no memory), so a file
+that claims a huge width costs nothing to refuse.
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ from typing import Any, Mapping
 
 import torch
 
-from cellsearch.errors import UserError
+from cellsearch.errors import UserError, shown
 from cellsearch.spec import CellSpec, CellSpecError
 
 __all__ = ["CheckpointError", "Checkpoint", "Resumed", "Checkpointer", "load_checkpoint", "load_model",
@@ -111,6 +114,9 @@ def _unpickler_reason(text: str) -> str:
                 reason = lines[index + 1]
             # "Unsupported global: GLOBAL io.open was not an allowed global ..." -> up to the global's name.
             return reason.split(" was not an allowed global")[0][:200]
+        if "unsupported global" in line.lower():
+            # A blocked module (os, posix, subprocess, ...): "Trying to load unsupported GLOBAL posix.system ...".
+            return line[:200]
     return (lines[0] if lines else "unpickling failed")[:200]
 
 
@@ -130,13 +136,117 @@ def _read(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"{path} is not a readable checkpoint (truncated or corrupt): {first[:200]}") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise CheckpointError(f"{path} is a torch file but not a cellsearch checkpoint")
-    if data.get("version") != VERSION:
+    if type(data.get("version")) is not int or data.get("version") != VERSION:
         raise CheckpointError(f"{path} has checkpoint format version {data.get('version')!r}; this cellsearch "
                               f"reads version {VERSION}")
     missing = [key for key in _REQUIRED if key not in data]
     if missing:
         raise CheckpointError(f"{path} lacks {', '.join(missing)}")
+    _check_fields(data, path)
     return data
+
+
+def _integer(low: int) -> Any:
+    return lambda value: type(value) is int and value >= low  # type(): bool is an int subclass
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _weights(value: Any) -> bool:
+    return isinstance(value, dict) and all(isinstance(k, str) and isinstance(t, torch.Tensor) for k, t in value.items())
+
+
+def _carried(value: Any) -> bool:
+    return value is None or isinstance(value, torch.Tensor) or (
+        isinstance(value, (list, tuple)) and all(isinstance(part, torch.Tensor) for part in value))
+
+
+def _optional(check: Any) -> Any:
+    return lambda value: value is None or check(value)
+
+
+def _of_type(kind: type) -> Any:
+    return lambda value: isinstance(value, kind)
+
+
+#: (key path, check, what the value must be), parents before children: every field a reader uses.
+_FIELDS = (
+    (("spec_hash",), _of_type(str), "a string"),
+    (("task",), _of_type(str), "a string"),
+    (("vocab_size",), _integer(1), "a positive integer"),
+    (("hidden_size",), _integer(1), "a positive integer"),
+    # HyperParams' range: a file claiming a million layers would cost minutes just to build the template.
+    (("num_layers",), lambda v: _integer(1)(v) and v <= 16, "an integer in 1..16"),
+    (("dropout",), lambda v: _number(v) and 0 <= v < 1, "a number in [0, 1)"),
+    (("hparams",), _of_type(dict), "a mapping"),
+    (("budget",), _of_type(dict), "a mapping"),
+    (("seed",), _integer(0), "a non-negative integer"),
+    (("config",), _of_type(dict), "a mapping"),
+    (("epoch",), _integer(0), "a non-negative integer"),
+    (("finished",), _of_type(bool), "true or false"),
+    (("model",), _weights, "a mapping of names to tensors"),
+    (("best_model",), _optional(_weights), "null or a mapping of names to tensors"),
+    (("optimizer",), _optional(_of_type(dict)), "null or a mapping"),
+    (("result",), _optional(_of_type(dict)), "null or a mapping"),
+    (("loop",), _of_type(dict), "a mapping"),
+    (("loop", "row"), _integer(0), "a non-negative integer"),
+    (("loop", "carried"), _carried, "null, a tensor or a list of tensors"),
+    (("loop", "schedule"), _of_type(dict), "a mapping"),
+    (("loop", "schedule", "learning_rate"), _number, "a number"),
+    (("loop", "schedule", "patience"), _integer(1), "a positive integer"),
+    (("loop", "schedule", "decay_epochs"), _integer(0), "a non-negative integer"),
+    (("loop", "schedule", "factor"), _number, "a number"),
+    (("loop", "schedule", "best"), _number, "a number"),
+    (("loop", "schedule", "epochs_without_improvement"), _integer(0), "a non-negative integer"),
+    (("loop", "schedule", "decay_epochs_left"), _optional(_integer(0)), "null or a non-negative integer"),
+    (("loop", "run_state"), _of_type(dict), "a mapping"),
+    (("loop", "run_state", "steps"), _integer(0), "a non-negative integer"),
+    (("loop", "run_state", "epochs"), _integer(0), "a non-negative integer"),
+    (("loop", "run_state", "best_score"), _number, "a number"),
+    (("loop", "run_state", "best_metrics"), _of_type(dict), "a mapping"),
+    (("loop", "run_state", "curve"), lambda v: isinstance(v, list) and all(
+        isinstance(point, dict) and _number(point.get("score")) for point in v), "a list of evaluations with scores"),
+    (("rng",), _of_type(dict), "a mapping"),
+    (("rng", "torch"), lambda v: isinstance(v, torch.Tensor) and v.dtype == torch.uint8 and v.ndim == 1,
+     "a byte tensor"),
+    (("rng", "cuda"), lambda v: v is None or (isinstance(v, torch.Tensor) and v.dtype == torch.uint8),
+     "null or a byte tensor"),
+)
+
+
+def _check_fields(data: dict[str, Any], path: Path) -> None:
+    """Every field a reader uses has the type it needs (a tampered file fails here, not deep in training)."""
+    for keys, check, what in _FIELDS:
+        value: Any = data
+        for depth, key in enumerate(keys):
+            if key not in value:
+                raise CheckpointError(f"{path} lacks {'.'.join(keys[: depth + 1])}")
+            value = value[key]
+        if not check(value):
+            raise CheckpointError(f"{path}: {'.'.join(keys)} must be {what}, got {shown(value, 60)}")
+
+
+def _check_weights(state: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor], path: Path,
+                   which: str, spec: CellSpec, hidden_size: int) -> None:
+    """``state`` has exactly the names, shapes and dtypes of ``expected`` (a model's state dict)."""
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    problem = None
+    if missing or unexpected:
+        problem = (f"missing {', '.join(missing[:3])}" if missing else "") + ("; " if missing and unexpected else "") \
+            + (f"unexpected {', '.join(shown(name, 40) for name in unexpected[:3])}" if unexpected else "")
+    else:
+        for name, tensor in expected.items():
+            stored = state[name]
+            if stored.shape != tensor.shape or stored.dtype != tensor.dtype:
+                problem = (f"{name} is {stored.dtype} {tuple(stored.shape)}, the cell needs {tensor.dtype} "
+                           f"{tuple(tensor.shape)}")
+                break
+    if problem is not None:
+        raise CheckpointError(f"{path}: the {which} weights do not fit cell {spec.short_hash} at width {hidden_size}: "
+                              f"{problem}")
 
 
 def load_checkpoint(path: str | os.PathLike, expected: CellSpec | None = None) -> Checkpoint:
@@ -187,12 +297,16 @@ def load_model(checkpoint: str | os.PathLike | Checkpoint, device: str | torch.d
         raise UserError(f"weights must be 'best' or 'last', got {weights!r}")
     loaded = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint)
     state = loaded.best_model_state if weights == "best" and loaded.best_model_state is not None else loaded.model_state
+    # Shapes are checked on a model without storage first: the sizes in the file are not trusted.
+    with torch.device("meta"):
+        template = SequenceModel(loaded.spec, loaded.vocab_size, loaded.hidden_size, loaded.num_layers,
+                                 loaded.dropout)
+    expected = template.state_dict()
+    for which, stored in (("last", loaded.model_state), ("best", loaded.best_model_state)):
+        if stored is not None:
+            _check_weights(stored, expected, loaded.path, which, loaded.spec, loaded.hidden_size)
     model = SequenceModel(loaded.spec, loaded.vocab_size, loaded.hidden_size, loaded.num_layers, loaded.dropout)
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as error:
-        raise CheckpointError(f"{loaded.path}: the weights do not fit cell {loaded.spec.short_hash} at width "
-                              f"{loaded.hidden_size}: {str(error).splitlines()[0]}") from None
+    model.load_state_dict(state)
     return model.to(device).eval()
 
 
@@ -295,9 +409,20 @@ class Checkpointer:
         if loaded is None:
             return None
         device = next(model.parameters()).device
+        expected = model.state_dict()
+        _check_weights(loaded.model_state, expected, self.path, "last", self.spec, loaded.hidden_size)
+        if loaded.best_model_state is not None:
+            _check_weights(loaded.best_model_state, expected, self.path, "best", self.spec, loaded.hidden_size)
+        self._check_carried(loaded, next(model.parameters()).dtype)
+        if torch.get_rng_state().shape != loaded.rng["torch"].shape:
+            raise CheckpointError(f"{self.path}: rng.torch is not a torch random state")
         model.load_state_dict(loaded.model_state)
         if optimizer is not None and loaded.optimizer_state is not None:
-            optimizer.load_state_dict(loaded.optimizer_state)
+            try:
+                optimizer.load_state_dict(loaded.optimizer_state)
+            except (ValueError, KeyError, TypeError, RuntimeError) as error:
+                raise CheckpointError(f"{self.path}: the optimizer state does not fit this run: "
+                                      f"{shown(str(error), 120)}") from None
         for name in _SCHEDULE_FIELDS:
             setattr(schedule, name, loaded.loop["schedule"][name])
         for name in _RUN_STATE_FIELDS:
@@ -314,6 +439,21 @@ class Checkpointer:
             best_model=None if best is None else {name: tensor.to(device) for name, tensor in best.items()},
             finished=loaded.finished,
         )
+
+    def _check_carried(self, loaded: Checkpoint, dtype: torch.dtype) -> None:
+        """The hidden state carried across windows: one (layers, batch, width) tensor per state of the cell."""
+        carried = loaded.loop["carried"]
+        if carried is None:
+            return
+        parts = [carried] if isinstance(carried, torch.Tensor) else list(carried)
+        count = len(self.spec.states)
+        fits = len(parts) == count and (count == 1) == isinstance(carried, torch.Tensor) and all(
+            part.ndim == 3 and part.dtype == dtype and part.shape[0] == loaded.num_layers
+            and part.shape[2] == loaded.hidden_size and part.shape[1] == parts[0].shape[1] for part in parts)
+        if not fits:
+            shapes = ", ".join(f"{part.dtype} {tuple(part.shape)}" for part in parts[:4])
+            raise CheckpointError(f"{self.path}: loop.carried ({shapes}) is not {count} state(s) of shape "
+                                  f"({loaded.num_layers}, batch, {loaded.hidden_size}) in {dtype}")
 
     def save(self, model: torch.nn.Module, schedule: Any, run_state: Any, *, row: int, carried: Any,
              best_model: Mapping[str, torch.Tensor] | None, finished: bool,

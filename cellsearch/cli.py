@@ -12,15 +12,24 @@ from __future__ import annotations
 import argparse
 import importlib
 import pkgutil
+import signal
 import sys
-
-from cellsearch import commands
-from cellsearch.errors import user_error_types
+import threading
 
 __all__ = ["main", "build_parser"]
 
 
+class Terminated(BaseException):
+    """SIGTERM before a command installs its own handler (the search driver does): stop cleanly."""
+
+
+def _on_terminate(signum, frame):
+    raise Terminated
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from cellsearch import commands
+
     parser = argparse.ArgumentParser(
         prog="cellsearch", description="Evolutionary search for recurrent cell architectures."
     )
@@ -32,17 +41,37 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(message: str) -> str:
+    """The message with control characters escaped: a file or path name cannot break it into lines."""
+    return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in message)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    # Imports take seconds on a loaded machine: a Ctrl-C or SIGTERM during them, too, ends with one line.
+    in_main_thread = threading.current_thread() is threading.main_thread()  # signal handlers live there only
+    previous_terminate = signal.signal(signal.SIGTERM, _on_terminate) if in_main_thread else None
+    command = "cellsearch"
     try:
-        return int(args.func(args) or 0)
-    except user_error_types() as error:
-        print(f"cellsearch {args.command}: error: {error}", file=sys.stderr)
-        return 2
+        from cellsearch.errors import user_error_types
+
+        errors = user_error_types()
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        command = f"cellsearch {args.command}"
+        try:
+            return int(args.func(args) or 0)
+        except errors as error:
+            print(f"{command}: error: {_one_line(str(error))}", file=sys.stderr)
+            return 2
     except KeyboardInterrupt:
-        print(f"cellsearch {args.command}: interrupted", file=sys.stderr)
+        print(f"{command}: interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print(f"{command}: terminated", file=sys.stderr)
+        return 143
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous_terminate)
 
 
 if __name__ == "__main__":  # pragma: no cover

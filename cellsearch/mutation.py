@@ -29,7 +29,8 @@ the node:
     only one); the node is replaced by a new ``add``/``mul``/``sub`` of a random
     ancestor of the node and a random ancestor of ``A`` that is not a descendant
     of the node (its users will read the new node, so a descendant would close
-    a cycle). For ``sub`` the node's ancestor comes first.
+    a cycle). For ``sub`` the node's ancestor comes first; when both draws are the
+    same value, ``sub`` (identically zero) is not among the choices.
 
 Transformations act on the evolving child, so later ones see earlier ones; nodes
 created during a mutation are not visited again, and nodes that no longer reach
@@ -41,7 +42,7 @@ when it changed nothing (the child's canonical hash equals the parent's), when
 the child is invalid (for example ``x`` or a state is no longer read), when it
 is degenerate (followed back through time, the output state never depends on
 ``x`` or on one of the states: ``h' = sigmoid(h)``, or a state that is updated
-but never reaches the output), when it has more nodes than ``max_nodes``, or fewer ``linear`` nodes than ``min_linear``
+but never reaches the output; or a node is ``sub(a, a)``, identically zero), when it has more nodes than ``max_nodes``, or fewer ``linear`` nodes than ``min_linear``
 (by default a child must keep at least one learned matrix; the paper does not
 say, but a cell without one has nothing to learn in its recurrence). After ``max_attempts`` rejections
 :class:`MutationError` names the parent. The function is pure: the parent is an
@@ -458,7 +459,10 @@ class _Draft:
         return any(self.readers[value] == 0 for value in self.inputs)
 
     def degenerate(self) -> bool:
-        """Whether the output state, followed back through the recurrence, misses x or some state."""
+        """Whether the output state, followed back through the recurrence, misses x or some state, or a
+        node computes ``a - a`` (identically zero: whatever reads it reads a constant)."""
+        if any(node.op == "sub" and node.inputs[0] == node.inputs[1] for node in self.nodes.values()):
+            return True
         reads: dict[str, set[str]] = {}
         for state, target in self.outputs.items():
             seen: set[str] = set()
@@ -583,7 +587,9 @@ def _apply(kind: str, name: str, draft: _Draft, draws: _Uniforms, config: Mutati
     forbidden.add(name)
     right = _pick(draws, sorted(draft.ancestors(partner) - forbidden))
     combined_name = draft.fresh_name()
-    combined = Node(_pick(draws, config.elementwise), (left, right))
+    # a - a is identically zero: with one operand twice, only add (2a) and mul (a*a) make a new function.
+    operators = [op for op in config.elementwise if not (op == "sub" and left == right)] or list(config.elementwise)
+    combined = Node(_pick(draws, operators), (left, right))
     draft.set(combined_name, combined)
     draft.redirect(name, combined_name)
     draft.delete(name)

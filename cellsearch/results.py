@@ -37,7 +37,7 @@ class SearchRun:
     def __init__(self, path: str | Path):
         from cellsearch.search.config import SearchConfig
         from cellsearch.search.run import read_run_info
-        from cellsearch.search.storage import make_engine, sqlite_url
+        from cellsearch.search.storage import connect_url, make_engine, sqlite_url
         from cellsearch import zoo
 
         self.path = Path(path)
@@ -49,7 +49,8 @@ class SearchRun:
                 raise UserError(f"the database of {self.path} is missing ({url.database})")
             self.engine = make_engine(sqlite_url(url.database, read_only=True))
         else:
-            self.engine = make_engine(info["storage"])
+            # The stored URL has no password: connect_url adds $CELLSEARCH_STORAGE_URL's (or libpq finds one).
+            self.engine = make_engine(connect_url(info["storage"]))
         with self.engine.connect() as connection:
             row = connection.execute(sa.text("SELECT config_yaml, versions_json FROM cs_run")).first()
         import yaml

@@ -43,7 +43,7 @@ import numpy as np
 import pandas as pd
 
 from cellsearch.config import to_mapping
-from cellsearch.errors import UserError
+from cellsearch.errors import UserError, shown
 from cellsearch.hparams import HyperParams
 from cellsearch.spec import CellSpec
 from cellsearch.tasks.base import Budget, RetrainPreset
@@ -273,7 +273,7 @@ def run_job(job: RetrainJob, task, progress: Callable[[dict[str, Any]], None] | 
     from cellsearch.training import solve_hidden_size, train_and_evaluate
 
     if job.result_path.is_file():
-        return [json.loads(job.result_path.read_text(encoding="utf-8"))]
+        return [_read_record(job.result_path)]
     spec = CellSpec.from_dict(dict(job.cell))
     hparams = HyperParams.from_dict(job.hparams)
     budget = Budget.from_dict(job.budget)
@@ -304,11 +304,66 @@ def _json_number(value: Any) -> Any:
     raise TypeError(f"cannot write {type(value).__name__} as JSON")
 
 
+# --------------------------------------------------------------------- reading back
+# An output directory may come from elsewhere (or be damaged): what is read back is checked, so
+# that a bad file is one clear line, and a label cannot lead a read outside the directory.
+def _read_json(path: Path, what: str) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as error:
+        raise UserError(f"{path}: cannot read the {what} ({shown(str(error), 120)}); delete it to redo that "
+                        f"part") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: the {what} is not a JSON object")
+    return data
+
+
+def _is_int(value: Any) -> bool:
+    return type(value) is int
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+#: What a reader of result.json uses, and the type it needs.
+_RECORD_FIELDS = {"status": lambda v: isinstance(v, str), "hidden_size": _is_int, "parameter_count": _is_int,
+                  "score": _is_number, "epochs": _is_int, "steps": _is_int, "duration_s": _is_number,
+                  "metrics": lambda v: isinstance(v, dict) and all(_is_number(x) for x in v.values()),
+                  "curve": lambda v: isinstance(v, list) and all(isinstance(point, dict) for point in v)}
+
+
+def _read_record(path: Path) -> dict[str, Any]:
+    record = _read_json(path, "run result")
+    bad = [key for key, check in _RECORD_FIELDS.items() if key not in record or not check(record[key])]
+    if bad:
+        raise UserError(f"{path}: not a retrain run result (bad or missing {', '.join(bad)}); delete it to redo "
+                        f"that run")
+    return record
+
+
+def _read_plan(path: Path) -> dict[str, Any]:
+    from cellsearch.tasks.base import TASK_NAME
+
+    plan = _read_json(path, "retrain plan")
+    cells = plan.get("cells")
+    fits = (isinstance(plan.get("task"), str) and TASK_NAME.fullmatch(plan["task"]) is not None
+            and isinstance(plan.get("preset"), str)
+            and isinstance(plan.get("seeds"), list) and all(_is_int(seed) for seed in plan["seeds"])
+            and isinstance(cells, list) and all(
+                isinstance(cell, dict) and all(isinstance(cell.get(key), str) for key in ("label", "role", "hash"))
+                and cell["label"] == _safe_label(cell["label"]) for cell in cells))
+    if not fits:
+        raise UserError(f"{path}: not a retrain plan this cellsearch wrote (task, preset, seeds or cells are "
+                        f"missing or malformed)")
+    return plan
+
+
 # ------------------------------------------------------------------------------ driver
 def _write_plan(out_dir: Path, plan: dict[str, Any]) -> None:
     path = out_dir / PLAN_FILE
     if path.is_file():
-        stored = json.loads(path.read_text(encoding="utf-8"))
+        stored = _read_json(path, "retrain plan")
         if stored != plan:
             changed = sorted(key for key in set(stored) | set(plan) if stored.get(key) != plan.get(key))
             raise UserError(f"{out_dir} holds a different retrain (differs in: {', '.join(changed)}); use another "
@@ -374,7 +429,7 @@ def retrain(
     pending = [job for job in jobs if not job.result_path.is_file()]
     for job in jobs:
         if job.result_path.is_file():
-            records.append(json.loads(job.result_path.read_text(encoding="utf-8")))
+            records.append(_read_record(job.result_path))
             if on_done is not None:
                 on_done(records[-1], len(records), len(jobs))
     by_id = {job.unit_id: job for job in pending}
@@ -393,7 +448,11 @@ def retrain(
                 for completion in executor.wait(timeout=1.0):
                     job = by_id[completion.unit_id]
                     if completion.error is not None:
-                        failures.append(f"{job.label} seed {job.seed_index}: {completion.error.strip().splitlines()[-1]}")
+                        reason = completion.error.strip().splitlines()[-1]
+                        if "CheckpointError" in reason:
+                            # Rerunning would meet the same file: say how to start that run over instead.
+                            reason += f" (delete {job.checkpoint_path} to start this run over)"
+                        failures.append(f"{job.label} seed {job.seed_index}: {reason}")
                         continue
                     records.extend(completion.results)
                     if on_done is not None:
@@ -402,7 +461,7 @@ def retrain(
             executor.close()
     results = write_outputs(out_dir)
     if failures:
-        raise UserError(f"{len(failures)} retrain run(s) failed (rerun the same command to retry): "
+        raise UserError(f"{len(failures)} retrain run(s) failed (rerun the same command to retry the others): "
                         + "; ".join(failures))
     return results
 
@@ -436,7 +495,7 @@ def load_retrain(out_dir: str | os.PathLike) -> RetrainResults:
     plan_path = out_dir / PLAN_FILE
     if not plan_path.is_file():
         raise UserError(f"{out_dir} is not a retrain output directory (no {PLAN_FILE})")
-    plan = json.loads(plan_path.read_text(encoding="utf-8"))
+    plan = _read_plan(plan_path)
     from cellsearch.tasks import tasks_dir
     from cellsearch.tasks.base import load_task_file
 
@@ -449,7 +508,7 @@ def load_retrain(out_dir: str | os.PathLike) -> RetrainResults:
             path = out_dir / "runs" / cell["label"] / f"seed-{index}" / "result.json"
             if not path.is_file():
                 continue
-            record = json.loads(path.read_text(encoding="utf-8"))
+            record = _read_record(path)
             rows.append({
                 "cell": cell["label"], "role": cell["role"], "hash": cell["hash"], "seed_index": index, "seed": seed,
                 "status": record["status"], "hidden_size": record["hidden_size"],

@@ -25,7 +25,9 @@ Construction validates and normalises: names must be ASCII identifiers, the
 graph acyclic, every op has the right arity, every output is defined, nodes
 that reach no output are pruned, and afterwards ``x`` and every state must be
 read somewhere. Any violation raises :class:`CellSpecError` naming the node and
-the rule. Nothing in a spec is ever evaluated as code.
+the rule, whatever the input (wrong types, unhashable or deeply nested values,
+YAML alias bombs: messages show bounded excerpts). Nothing in a spec is ever
+evaluated as code. ``name`` is a display label: one line of printable text.
 
 Identity: :attr:`CellSpec.hash` is a canonical SHA-256 of the graph that does
 not change when nodes are renamed or when the operands of commutative ops
@@ -47,6 +49,8 @@ from types import MappingProxyType
 from typing import Any, Iterable, Mapping
 
 import networkx as nx
+
+from cellsearch.errors import shown
 
 __all__ = [
     "OPS",
@@ -75,6 +79,8 @@ MAX_STATES = 8
 #: Init constants outside this range make no sense for a recurrent cell and only
 #: serve to produce overflow.
 MAX_CONSTANT = 100.0
+#: A cell's display label: printed by ``show``, written into reports and retrain tables.
+MAX_LABEL = 128
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
 _FORMAT_VERSION = 1
 
@@ -104,11 +110,8 @@ class Node:
 
 def _check_name(name: Any, what: str) -> str:
     if not isinstance(name, str) or not _NAME.fullmatch(name):
-        shown = repr(name)
-        if len(shown) > 80:
-            shown = shown[:77] + "..."
         raise CellSpecError(
-            f"{what} {shown}: names must be ASCII identifiers "
+            f"{what} {shown(name)}: names must be ASCII identifiers "
             "(letter or underscore, then letters, digits, underscores; at most 64 characters)"
         )
     return name
@@ -117,10 +120,15 @@ def _check_name(name: Any, what: str) -> str:
 def _check_constant(value: Any, node: str, key: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise CellSpecError(f"node {node!r}: {key} must be a number, got {type(value).__name__}")
-    value = float(value)
-    if not math.isfinite(value) or abs(value) > MAX_CONSTANT:
-        raise CellSpecError(f"node {node!r}: {key} must be finite and within +-{MAX_CONSTANT:g}, got {value!r}")
-    return value
+    if abs(value) <= MAX_CONSTANT:  # False for NaN; exact for integers of any size
+        return float(value)
+    raise CellSpecError(f"node {node!r}: {key} must be finite and within +-{MAX_CONSTANT:g}, got {shown(value)}")
+
+
+def _keys(keys: Iterable[Any]) -> str:
+    """Unknown keys for a message: a few, bounded, sorted by their text."""
+    texts = sorted(shown(key, 40) for key in itertools.islice(keys, 20))
+    return "[" + ", ".join(texts[:5]) + (", ...]" if len(texts) > 5 else "]")
 
 
 def _make_node(name: str, raw: Any) -> Node:
@@ -140,11 +148,10 @@ def _make_node(name: str, raw: Any) -> Node:
         raise CellSpecError(f"node {name!r}: expected a mapping with 'op' and 'inputs', got {type(raw).__name__}")
     unknown = set(raw) - {"op", "inputs", "bias", "diag"}
     if unknown:
-        raise CellSpecError(f"node {name!r}: unknown key(s) {sorted(map(str, unknown))}; allowed: op, inputs, bias, diag")
+        raise CellSpecError(f"node {name!r}: unknown key(s) {_keys(unknown)}; allowed: op, inputs, bias, diag")
     op = raw.get("op")
-    if op not in OPS:
-        shown = repr(op) if len(repr(op)) <= 40 else repr(op)[:37] + "..."
-        raise CellSpecError(f"node {name!r}: unknown op {shown}; allowed ops: {', '.join(OPS)}")
+    if not isinstance(op, str) or op not in OPS:
+        raise CellSpecError(f"node {name!r}: unknown op {shown(op, 40)}; allowed ops: {', '.join(OPS)}")
     inputs = raw.get("inputs")
     if isinstance(inputs, str) or not isinstance(inputs, (list, tuple)):
         raise CellSpecError(f"node {name!r}: 'inputs' must be a list of names")
@@ -154,7 +161,7 @@ def _make_node(name: str, raw: Any) -> Node:
         want = f"exactly {low}" if low == high else f"at least {low}"
         raise CellSpecError(f"node {name!r}: op {op!r} takes {want} operand(s), got {len(inputs)}")
     if op == "linear" and len(set(inputs)) != len(inputs):
-        raise CellSpecError(f"node {name!r}: a linear node's operands must be distinct, got {list(inputs)}")
+        raise CellSpecError(f"node {name!r}: a linear node's operands must be distinct, got {shown(list(inputs))}")
     bias, diag = 0.0, 0.0
     if op == "linear":
         bias = _check_constant(raw.get("bias", 0.0), name, "bias")
@@ -191,8 +198,10 @@ class CellSpec:
             raise CellSpecError(f"state {INPUT!r}: the name is reserved for the input")
         if len(set(states)) != len(states):
             raise CellSpecError(f"states must be distinct, got {list(states)}")
-        if self.name is not None and not isinstance(self.name, str):
-            raise CellSpecError("'name' must be a string")
+        if self.name is not None and (not isinstance(self.name, str) or not self.name.isprintable()
+                                      or not 0 < len(self.name) <= MAX_LABEL):
+            raise CellSpecError(f"'name' must be one line of at most {MAX_LABEL} printable characters, "
+                                f"got {shown(self.name)}")
         if not isinstance(self.nodes, Mapping):
             raise CellSpecError("'nodes' must be a mapping of node name to {op, inputs}")
         if len(self.nodes) > MAX_NODES:
@@ -213,13 +222,13 @@ class CellSpec:
         outputs: dict[str, str] = {}
         for state in self.outputs:
             if state not in states:
-                raise CellSpecError(f"output {state!r}: not a state of this cell (states: {list(states)})")
+                raise CellSpecError(f"output {shown(state)}: not a state of this cell (states: {list(states)})")
         for state in states:
             if state not in self.outputs:
                 raise CellSpecError(f"state {state!r}: no output gives its next value")
             target = self.outputs[state]
             if not isinstance(target, str) or (target not in nodes and target not in inputs):
-                raise CellSpecError(f"output {state!r}: {target!r} is neither a node nor an input")
+                raise CellSpecError(f"output {state!r}: {shown(target)} is neither a node nor an input")
             outputs[state] = target
 
         graph = nx.DiGraph()
@@ -336,17 +345,18 @@ class CellSpec:
             raise CellSpecError(f"a cell description must be a mapping, got {type(data).__name__}")
         unknown = set(data) - {"format", "name", "states", "nodes", "outputs", "hash"}
         if unknown:
-            raise CellSpecError(f"unknown top-level key(s) {sorted(map(str, unknown))}; allowed: format, name, states, nodes, outputs, hash")
+            raise CellSpecError(f"unknown top-level key(s) {_keys(unknown)}; allowed: format, name, states, nodes, outputs, hash")
         version = data.get("format", _FORMAT_VERSION)
-        if version != _FORMAT_VERSION:
-            raise CellSpecError(f"unsupported cell format {version!r}; this version reads format {_FORMAT_VERSION}")
+        # type() as well: True == 1.0 == 1, but only the integer 1 is format 1.
+        if type(version) is not int or version != _FORMAT_VERSION:
+            raise CellSpecError(f"unsupported cell format {shown(version)}; this version reads format {_FORMAT_VERSION}")
         for key in ("states", "nodes", "outputs"):
             if key not in data:
                 raise CellSpecError(f"missing top-level key {key!r}")
         spec = cls(states=data["states"], nodes=data["nodes"], outputs=data["outputs"], name=data.get("name"))
         expected = data.get("hash")
         if expected is not None and expected != spec.hash:
-            raise CellSpecError(f"the file says hash {str(expected)[:64]!r} but the cell it describes has hash {spec.hash}")
+            raise CellSpecError(f"the file says hash {shown(expected)} but the cell it describes has hash {spec.hash}")
         return spec
 
     def to_json(self) -> str:
@@ -372,24 +382,15 @@ class CellSpec:
 
     @classmethod
     def load(cls, path: str | Path) -> "CellSpec":
-        """Read a cell file written by :meth:`save` or by hand (JSON or YAML, safe loaders only)."""
-        path = Path(path)
-        try:
-            text = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as error:
-            raise CellSpecError(f"{path}: cannot read cell file ({error})") from None
-        if len(text) > 4_000_000:
-            raise CellSpecError(f"{path}: cell file is too large ({len(text)} characters)")
-        try:
-            if path.suffix.lower() == ".json":
-                data = json.loads(text)
-            else:
-                import yaml
+        """Read a cell file written by :meth:`save` or by hand (JSON or YAML, safe loaders only).
 
-                data = yaml.safe_load(text)
-        except Exception as error:  # noqa: BLE001 - every parser error means the same thing here
-            message = str(error).splitlines()[0] if str(error) else type(error).__name__
-            raise CellSpecError(f"{path}: not valid {'JSON' if path.suffix.lower() == '.json' else 'YAML'} ({message[:200]})") from None
+        Files are read by :func:`cellsearch.config.read_data_file`: size-capped, safe
+        loaders, duplicate keys refused; every problem is a one-line :class:`CellSpecError`.
+        """
+        from cellsearch.config import read_data_file
+
+        path = Path(path)
+        data = read_data_file(path, CellSpecError, "cell file")
         try:
             return cls.from_dict(data)
         except CellSpecError as error:

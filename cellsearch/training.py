@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from cellsearch.config import ConfigError
 from cellsearch.hparams import HyperParams
 from cellsearch.spec import CellSpec
 from cellsearch.tasks.base import Budget, Split, Task
@@ -135,7 +136,9 @@ def batchify(split: Split, batch_size: int, device: torch.device | str = "cpu") 
     """
     rows = len(split) // batch_size
     if rows < 2:
-        raise ValueError(f"a stream of {len(split)} tokens is too short for batch size {batch_size}")
+        # A ConfigError (a ValueError): the task file's batch sizes or the budget's eval_tokens chose this.
+        raise ConfigError(f"a stream of {len(split)} tokens is too short for batch size {batch_size} (it needs "
+                          f"at least {2 * batch_size}: raise eval_tokens or lower the batch size)")
     tokens = torch.from_numpy(np.asarray(split.tokens[: rows * batch_size], dtype=np.int64))
     tokens = tokens.view(batch_size, rows).t().contiguous().to(device)
     mask = None

@@ -16,7 +16,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("MKL_NUM_THREADS", "1")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-PTB_DIR = Path(os.environ.get("CELLSEARCH_PTB_DIR", REPO_ROOT.parent / "shared" / "data" / "ptb"))
+# Absolute: the README's test command gives a relative path, and tests change the working directory.
+PTB_DIR = Path(os.environ.get("CELLSEARCH_PTB_DIR", REPO_ROOT.parent / "shared" / "data" / "ptb")).resolve()
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -47,7 +48,9 @@ def ray_address():
     ray = pytest.importorskip("ray")
     started = not ray.is_initialized()
     if started:
-        ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
+        # A new instance even when another Ray on this machine is recorded as the current cluster.
+        ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False,
+                 log_to_driver=False)
     yield ray.get_runtime_context().gcs_address
     if started:
         ray.shutdown()

@@ -72,6 +72,8 @@ def test_chains_give_valid_children_within_limits(chains):
         assert mutation.parent_hash == parent.hash
         assert 1 <= len(child.nodes) <= config.max_nodes
         assert any(node.op == "linear" for node in child.nodes.values())
+        # a - a is identically zero (seen in a reference run before it was rejected as degenerate).
+        assert not any(node.op == "sub" and node.inputs[0] == node.inputs[1] for node in child.nodes.values())
         assert child.states == parent.states
         assert 0.0 <= mutation.p <= 1.0
         assert mutation.operations

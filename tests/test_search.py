@@ -113,7 +113,7 @@ def test_ptb_dir_resolution(monkeypatch, tmp_path, ptb_dir):
     with pytest.raises(UserError, match="CELLSEARCH_PTB_DIR"):
         resolve_ptb_dir(config)
     monkeypatch.setenv("CELLSEARCH_PTB_DIR", str(ptb_dir))
-    assert resolve_ptb_dir(config) == str(ptb_dir)
+    assert resolve_ptb_dir(config) == str(ptb_dir.resolve())
     with pytest.raises(UserError, match="no ptb.train.txt"):
         resolve_ptb_dir(config.with_overrides(ptb_dir=str(tmp_path)))
     assert resolve_ptb_dir(tiny_config()) is None

@@ -18,7 +18,7 @@ import pytest
 import sqlalchemy as sa
 
 from cellsearch.results import load_run
-from cellsearch.search.storage import normalize_url
+from cellsearch.search.storage import normalize_url, redact_url
 
 REPO = Path(__file__).resolve().parents[1]
 URL = os.environ.get("CELLSEARCH_TEST_POSTGRES_URL")
@@ -53,7 +53,8 @@ def test_smoke_search_on_postgres(tmp_path, database, ray_address, ptb_dir):
          "--storage", database, "--max-steps", "2", "--address", ray_address, "--no-progress"],
         cwd=REPO, capture_output=True, text=True, timeout=400, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert json.loads((run_dir / "run.json").read_text())["storage"] == database
+    # The URL is stored without its password (the test server trusts local connections).
+    assert json.loads((run_dir / "run.json").read_text())["storage"] == redact_url(database)
     assert not (run_dir / "run.db").exists()
     results = load_run(run_dir)
     try:

@@ -14,35 +14,11 @@ import sqlalchemy as sa
 import yaml
 
 from cellsearch.results import load_run
+from searchchecks import TINY_SEARCH, assert_nothing_twice, committed
 
 REPO = Path(__file__).resolve().parents[1]
 
-CONFIG = {
-    "tasks": ["arithmetic", "xml"],
-    "budget_profile": "smoke",
-    "population_size": 4,
-    "settings_per_task": 2,
-    "settings_per_unit": 1,
-    "memorize_threshold": 0.0,
-    "reevaluate_probability": 0.2,
-    "seed": 11,
-    "max_steps": 10,
-    "max_in_flight": 4,
-}
-
-
-def committed(run_dir: Path) -> list[tuple]:
-    """Every committed evaluation as a comparable tuple, read like any other reader would."""
-    engine = sa.create_engine(f"sqlite:///file:{run_dir / 'run.db'}?mode=ro&uri=true")
-    try:
-        with engine.connect() as connection:
-            return [tuple(row) for row in connection.execute(sa.text(
-                "SELECT id, unit_id, cell_hash, task, trial_number, params_json, seed, score, status "
-                "FROM cs_evaluations ORDER BY id"))]
-    except sa.exc.OperationalError:  # the database is not created yet
-        return []
-    finally:
-        engine.dispose()
+CONFIG = TINY_SEARCH
 
 
 def pending_units(run_dir: Path) -> int:
@@ -104,9 +80,7 @@ def test_sigkill_then_sigint_then_resume(tmp_path, ray_address):
     assert after[: len(before_kill)] == before_kill
     assert after[: len(before_interrupt)] == before_interrupt
     # Nothing was trained twice: one row per (cell, task, trial) and per (cell, task, setting).
-    trials = [(cell, task, trial) for _, _, cell, task, trial, *_ in after]
-    settings = [(cell, task, params) for _, _, cell, task, _, params, *_ in after]
-    assert len(set(trials)) == len(trials) and len(set(settings)) == len(settings)
+    assert_nothing_twice(after)
 
     results = load_run(run_dir)
     try:

@@ -95,6 +95,7 @@ def print_top(run_dir: Path, n: int = 10) -> None:
 def run_search(config, storage, run_dir: Path, args: argparse.Namespace) -> int:
     """Drive a created or reopened run to its end and print the summary (shared with ``resume``)."""
     from cellsearch.search.run import drive, make_executor
+    from cellsearch.search.storage import StorageError
 
     log = lambda message: print(message, file=sys.stderr)  # noqa: E731
     counts = storage.counts()
@@ -102,6 +103,12 @@ def run_search(config, storage, run_dir: Path, args: argparse.Namespace) -> int:
     try:
         executor = make_executor(config, args.executor, workers=args.workers, address=args.address)
         progress, stop_mode = drive(config, storage, executor, on_progress=bar, log=log)
+    except StorageError as error:
+        # The database stopped the search (low space, failed write, unreachable): one line and its own status.
+        bar.close()
+        print(f"cellsearch {args.command}: stopped: {error}; resume with `cellsearch resume {run_dir}` "
+              f"{error.remedy}", file=sys.stderr)
+        return error.exit_status
     finally:
         bar.close()
         storage.close()

@@ -4,6 +4,16 @@ Every key has a default and a reason (see ``cellsearch search --describe``);
 unknown keys and out-of-range values fail at load time with a message naming
 the key. The defaults are the paper's settings (population 100, 20 settings
 per task, memorisation filter at 0.95, early stop below 0.9 of the GRU's best).
+
+Paths. A search writes only inside its run directory (``--run-dir``), under
+fixed names (``config.yaml``, ``run.json``, ``versions.json``, ``run.db``); no
+key names a file inside it, so no value can steer a write elsewhere. The two
+keys that name places outside it are ones the user chooses explicitly and may
+point anywhere: ``ptb_dir`` (read only; it must be an existing directory, and
+hold the PTB files when a task needs them; stored absolute) and ``storage`` (a
+database URL: PostgreSQL, or SQLite at an absolute file path, because a
+relative one would name another file when the run is resumed from another
+directory).
 """
 
 from __future__ import annotations
@@ -15,12 +25,45 @@ from typing import Any, Literal, Mapping
 
 from cellsearch.batching import BatchingConfig
 from cellsearch.config import ConfigError, from_mapping, load_yaml, option, to_mapping
-from cellsearch.errors import UserError
+from cellsearch.errors import UserError, shown
 
 __all__ = ["ResourcesConfig", "SearchConfig", "load_search_config", "resolve_ptb_dir", "PTB_ENV"]
 
 #: Environment variable consulted when ``ptb_dir`` is null.
 PTB_ENV = "CELLSEARCH_PTB_DIR"
+
+
+def _is_device(value: str) -> bool:
+    import torch
+
+    try:
+        torch.device(value)
+    except (RuntimeError, ValueError, TypeError):
+        return False
+    return True
+
+
+def _check_storage(url: str) -> None:
+    """A database URL the run can reopen from anywhere (see the module docstring)."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        parsed = make_url(url)
+    except (ArgumentError, ValueError, TypeError):
+        # The URL is not echoed: it may hold a password.
+        raise ConfigError(f"storage: not a database URL (e.g. postgresql://USER@HOST/DB or "
+                          f"sqlite:////absolute/path/run.db; null for SQLite in the run directory)") from None
+    backend = parsed.get_backend_name()
+    if backend not in _STORAGE_BACKENDS:
+        raise ConfigError(f"storage: unsupported database {shown(backend)}; use {' or '.join(_STORAGE_BACKENDS)}")
+    if backend == "sqlite":
+        database = parsed.database or ""
+        if database.startswith("file:"):  # SQLite's URI form, e.g. file:/path/run.db?mode=ro&uri=true
+            database = database[len("file:"):]
+        if database in ("", ":memory:") or not Path(database).is_absolute():
+            raise ConfigError(f"storage: {shown(url)} is not a SQLite file at an absolute path "
+                              f"(sqlite:////absolute/path/run.db); null keeps run.db in the run directory")
 
 
 def _positive(value: Any) -> bool:
@@ -31,15 +74,24 @@ def _probability(value: float) -> bool:
     return 0.0 <= value <= 1.0
 
 
+#: Upper bounds on what one unit may ask for: far above any real machine, low enough that the
+#: numbers stay meaningful to Ray (which counts in units of 1e-4) and to torch's thread count.
+MAX_UNIT_CPUS = 1024
+MAX_UNIT_GPUS = 64
+_STORAGE_BACKENDS = ("sqlite", "postgresql")
+
+
 @dataclass(frozen=True)
 class ResourcesConfig:
     """What one unit of work asks Ray for."""
 
-    num_cpus: float = option(1.0, "CPUs per unit; torch uses this many threads", check=lambda v: v > 0, rule="> 0")
-    num_gpus: float = option(0.0, "GPUs per unit; fractions share a GPU between units", check=lambda v: v >= 0,
-                             rule=">= 0")
-    max_retries: int = option(3, "Ray retries of a unit whose worker or node died", check=lambda v: v >= 0,
-                              rule=">= 0")
+    num_cpus: float = option(1.0, "CPUs per unit; torch uses this many threads",
+                             check=lambda v: 0.0001 <= v <= MAX_UNIT_CPUS, rule=f"0.0001 .. {MAX_UNIT_CPUS}")
+    num_gpus: float = option(0.0, "GPUs per unit; fractions share a GPU between units",
+                             check=lambda v: v == 0 or 0.0001 <= v <= MAX_UNIT_GPUS,
+                             rule=f"0 or 0.0001 .. {MAX_UNIT_GPUS}")
+    max_retries: int = option(3, "Ray retries of a unit whose worker or node died", check=lambda v: 0 <= v <= 1000,
+                              rule="0..1000")
 
 
 @dataclass(frozen=True)
@@ -86,11 +138,24 @@ class SearchConfig:
     max_in_flight: int | None = option(None, "units in flight at once (null: twice the cluster's unit slots)",
                                        check=_positive, rule="> 0")
     resources: ResourcesConfig = option(None, "Ray resources of one unit", factory=ResourcesConfig)
-    device: str = option("cpu", "torch device units train on ('cuda' with num_gpus > 0)")
+    device: str = option("cpu", "torch device units train on ('cuda' with num_gpus > 0)", check=_is_device,
+                         rule="a torch device such as cpu, cuda or cuda:1")
     batching: BatchingConfig = option(None, "train a unit's same-shape settings as one batched model",
                                       factory=BatchingConfig)
-    storage: str | None = option(None, "SQLAlchemy URL of the run database (null: SQLite in the run directory)")
-    ptb_dir: str | None = option(None, f"Penn Treebank directory (null: ${PTB_ENV})")
+    storage: str | None = option(
+        None, "SQLAlchemy URL of the run database (null: SQLite in the run directory); a password in it is accepted "
+        "with a warning, used for this session and never written anywhere (resume and load_run take it from "
+        "PGPASSWORD, ~/.pgpass or $CELLSEARCH_STORAGE_URL), so the run directory can be shared without the secret")
+    storage_retry_s: float = option(
+        300.0, "seconds a lost database connection (server restart or failover, reset connection, locked SQLite "
+        "file) is retried with backoff before the search stops; a restart takes seconds, an outage longer than "
+        "five minutes needs a person", check=lambda v: v > 0, rule="> 0")
+    min_free_space_mb: float = option(
+        100.0, "SQLite: when the database's disk has less free space than this (MB) the search starts nothing new, "
+        "lets running units commit and stops (exit 74) before a full disk fails a commit; 0 disables",
+        check=lambda v: v >= 0, rule=">= 0")
+    ptb_dir: str | None = option(None, f"Penn Treebank directory (null: ${PTB_ENV}); read only, may be anywhere but "
+                                 "must exist (a run writes only inside its run directory)")
 
     def __post_init__(self) -> None:
         from cellsearch import zoo
@@ -111,6 +176,10 @@ class SearchConfig:
                               f"{list(self.initial_cells)}")
         if self.memorize_task is not None and self.memorize_task in self.tasks:
             raise ConfigError(f"memorize_task: {self.memorize_task!r} is also a scored task")
+        if self.storage is not None:
+            _check_storage(self.storage)
+        if self.ptb_dir is not None and not self.ptb_dir.strip():
+            raise ConfigError(f"ptb_dir: empty; use null for ${PTB_ENV}")
 
     @property
     def all_tasks(self) -> tuple[str, ...]:
@@ -140,6 +209,8 @@ def load_search_config(path: str | Path) -> SearchConfig:
 
 def resolve_ptb_dir(config: SearchConfig) -> str | None:
     """The PTB directory: the config's ``ptb_dir``, else ``$CELLSEARCH_PTB_DIR``; error if ptb needs one."""
+    if config.ptb_dir is not None and not Path(config.ptb_dir).expanduser().is_dir():
+        raise UserError(f"ptb_dir: no directory {config.ptb_dir}")
     if "ptb" not in config.all_tasks:
         return config.ptb_dir
     path = config.ptb_dir or os.environ.get(PTB_ENV)
@@ -148,6 +219,7 @@ def resolve_ptb_dir(config: SearchConfig) -> str | None:
             f"the search uses the ptb task but no data directory is set: put ptb_dir in the config or set "
             f"{PTB_ENV} to a directory holding ptb.train.txt, ptb.valid.txt and ptb.test.txt "
             f"(Mikolov's split, e.g. from http://www.fit.vutbr.cz/~imikolov/rnnlm/simple-examples.tgz, data/)")
-    if not (Path(path) / "ptb.train.txt").is_file():
+    if not (Path(path).expanduser() / "ptb.train.txt").is_file():
         raise UserError(f"no ptb.train.txt in the PTB directory {path}")
-    return str(path)
+    # Absolute, so that the run directory's config names the same directory when resumed from elsewhere.
+    return str(Path(path).expanduser().resolve())

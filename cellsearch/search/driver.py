@@ -31,6 +31,16 @@ fresh search and a resumed one run the same code: units planned but not
 committed are re-run with the same settings, Optuna trials that were asked but
 never recorded in a unit are closed as FAIL, and trials of committed units
 that Optuna did not hear about are told.
+
+Storage faults (see :mod:`cellsearch.search.storage`): every database call,
+Optuna's included, is retried through a dropped connection; an ask retried
+after a failure first closes the trials the failed attempt left RUNNING (the
+same reconciliation as on resume), and tells pass ``skip_if_finished``. With
+SQLite, free space on the database's disk is checked every loop iteration:
+below ``min_free_space_mb`` the driver starts nothing new, lets the running
+units commit and raises :class:`~cellsearch.search.storage.StorageFull`; a
+write that fails (full disk, I/O error) or a database unreachable past
+``storage_retry_s`` stops it at once. Committed work is intact either way.
 """
 
 from __future__ import annotations
@@ -48,7 +58,8 @@ from cellsearch import zoo
 from cellsearch.search import seeds
 from cellsearch.search.config import SearchConfig
 from cellsearch.search.executors import Completion
-from cellsearch.search.storage import PARAMETER_WIDTH, RunStorage, tune_sqlite
+from cellsearch.search.storage import PARAMETER_WIDTH, RunStorage, StorageError, StorageFull, engine_options, \
+    tune_sqlite
 from cellsearch.search.units import SettingSpec, UnitSpec
 from cellsearch.spec import CellSpec, CellSpecError
 
@@ -135,11 +146,15 @@ class SearchDriver:
         self._on_progress = on_progress or (lambda progress: None)
         self._log = log or (lambda message: None)
         self._optuna = optuna
-        self.optuna_storage = optuna.storages.RDBStorage(storage.url)
+        # pool_pre_ping and the other engine options: Optuna's own pool outlives a server restart too.
+        self.optuna_storage = storage.retry(lambda: optuna.storages.RDBStorage(
+            storage.url, engine_kwargs=engine_options(storage.url)), "open the Optuna storage")
         tune_sqlite(self.optuna_storage.engine)
         self._studies: dict[str, Any] = {}
         self.reference_hash = zoo.get(config.reference_cell).hash
         self.stop_mode: str | None = None
+        #: Set when low free space stopped the search; raised once the running units have committed.
+        self._storage_stop: StorageError | None = None
         self._ready: deque[int] = deque()
         self._in_flight: set[int] = set()
         self._unit_step: dict[int, int] = {}
@@ -155,7 +170,21 @@ class SearchDriver:
             self.stop_mode = mode
 
     def run(self) -> Progress:
-        """Drive the search until its length is reached or a stop is requested."""
+        """Drive the search until its length is reached or a stop is requested.
+
+        Raises :class:`~cellsearch.search.storage.StorageError` when the database stopped it (low free
+        space after draining, a failed write or an unreachable database at once); committed work is intact.
+        """
+        try:
+            progress = self._run()
+        except StorageError:
+            self.stop_mode = "abandon"
+            raise
+        if self._storage_stop is not None:
+            raise self._storage_stop
+        return progress
+
+    def _run(self) -> Progress:
         self._started = time.monotonic()
         # Read every task (and put its data in the object store) before the loop, not mid-search.
         for name in self.config.all_tasks:
@@ -171,6 +200,7 @@ class SearchDriver:
         waited = 0.0
         try:
             while True:
+                self._check_free_space()
                 if self.stop_mode is None:
                     self._start_steps(limit)
                 if self.stop_mode == "abandon":
@@ -220,11 +250,28 @@ class SearchDriver:
                                                  "status": unit["status"],
                                                  "settings": json.loads(unit["settings_json"])}
             self._active[active.step] = active
+        for cell_hash in sorted({active.cell_hash for active in self._active.values()}):
+            self._close_unrecorded_trials(cell_hash, self.config.all_tasks)
         for active in self._active.values():
-            self._close_orphan_trials(active)
             for unit_id, unit in sorted(active.units.items()):
                 if unit["status"] == "pending":
                     self._enqueue(active, unit_id, unit)
+
+    def _check_free_space(self) -> None:
+        """Below ``min_free_space_mb`` on the database's disk: start nothing new, let running units commit."""
+        threshold_mb = self.config.min_free_space_mb
+        if not threshold_mb or self._storage_stop is not None:
+            return
+        free = self.storage.free_bytes()
+        if free is None or free >= threshold_mb * 1e6:
+            return
+        where = self.storage.database_directory()
+        self._log(f"free space on {where} is {free / 1e6:.1f} MB (min_free_space_mb: {threshold_mb:g}): starting "
+                  f"nothing new, finishing the {len(self._in_flight)} running units")
+        self._storage_stop = StorageFull(
+            f"free space on {where} is {free / 1e6:.1f} MB, below min_free_space_mb = {threshold_mb:g} MB; the "
+            f"running units were committed; committed work is safe")
+        self.request_stop("drain")
 
     def _tell_committed_units(self) -> None:
         """Optuna learns the results of units committed just before a crash."""
@@ -234,26 +281,31 @@ class SearchDriver:
                 self._tell(study, evaluation["trial_number"], evaluation["status"], evaluation["score"])
             self.storage.mark_told(unit["unit_id"])
 
-    def _close_orphan_trials(self, active: _ActiveStep) -> None:
-        """Trials asked for a unit that was never recorded: close them as FAIL (their stage is re-planned)."""
+    def _close_unrecorded_trials(self, cell_hash: str, tasks: tuple[str, ...]) -> None:
+        """Trials of ``cell_hash`` asked but never recorded in a unit (a crash, or a failed attempt to plan a
+        stage): close them as FAIL. Their settings stay seen, so they are never trained; the stage is re-planned.
+        """
         from optuna.trial import TrialState
 
         referenced: dict[str, set[int]] = {}
         for other in self._active.values():
-            if other.cell_hash != active.cell_hash:
+            if other.cell_hash != cell_hash:
                 continue
             for unit in other.units.values():
                 referenced.setdefault(unit["task"], set()).update(s["trial_number"] for s in unit["settings"])
-        for task in self.config.all_tasks:
-            name = study_name(active.cell_hash, task)
+        for task in tasks:
+            name = study_name(cell_hash, task)
             try:
-                study = self._study(active.cell_hash, task, create=False)
+                study = self._study(cell_hash, task, create=False)
             except KeyError:
                 continue
-            for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            running = self.storage.retry(lambda: study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)),
+                                         f"read the trials of {_short(name)}")
+            for trial in running:
                 if trial.number not in referenced.get(task, set()):
                     self._log(f"closing trial {trial.number} of {name}: asked but never recorded in a unit")
-                    study.tell(trial.number, state=TrialState.FAIL)
+                    self.storage.retry(lambda: study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True),
+                                       f"close trial {trial.number} of {_short(name)}")
 
     # -- steps --------------------------------------------------------------------------------------------------
 
@@ -393,11 +445,20 @@ class SearchDriver:
             task_index = self.config.all_tasks.index(task_name)
             sampler_seed = seeds.derived_seed(self.config.seed, seeds.SAMPLER_STREAM, active.step, active.stage,
                                               task_index)
-            study = self._study(active.cell_hash, task_name, sampler=make_sampler(self.config.sampler, sampler_seed))
-            if active.kind == "mutate" and stage.gate == "ratio" and self.config.seed_from_parent:
-                self._enqueue_parent_settings(study, active.parent_hash, task_name)
             space = self._task(task_name).space_for(self.config.budget_profile)
-            pairs = sample_settings(study, space, stage.settings)
+
+            def sample(task_name=task_name, sampler_seed=sampler_seed, space=space):
+                study = self._study(active.cell_hash, task_name,
+                                    sampler=make_sampler(self.config.sampler, sampler_seed))
+                if active.kind == "mutate" and stage.gate == "ratio" and self.config.seed_from_parent:
+                    self._enqueue_parent_settings(study, active.parent_hash, task_name)
+                return sample_settings(study, space, stage.settings)
+
+            # A failed attempt may leave asked trials RUNNING (ask committed, acknowledgement lost): they are
+            # closed before the retry, so no trial stays RUNNING and none is recorded twice.
+            pairs = self.storage.retry(
+                sample, f"sample settings for {_short(study_name(active.cell_hash, task_name))}",
+                before_retry=lambda task_name=task_name: self._close_unrecorded_trials(active.cell_hash, (task_name,)))
             settings = [SettingSpec(trial.number, setting.to_dict(),
                                     seeds.derived_seed(self.config.seed, seeds.TRAIN_STREAM,
                                                        seeds.hash_key(active.cell_hash), task_index, trial.number))
@@ -507,11 +568,13 @@ class SearchDriver:
     def _tell(self, study, trial_number: int, status: str, score: float) -> None:
         from optuna.trial import TrialState
 
-        # skip_if_finished: a trial told just before a crash is not told again on resume.
+        # skip_if_finished: a trial told just before a crash (or by an attempt whose acknowledgement was lost)
+        # is not told again.
         if status == "error":
-            study.tell(trial_number, state=TrialState.FAIL, skip_if_finished=True)
+            tell = lambda: study.tell(trial_number, state=TrialState.FAIL, skip_if_finished=True)  # noqa: E731
         else:
-            study.tell(trial_number, score, skip_if_finished=True)
+            tell = lambda: study.tell(trial_number, score, skip_if_finished=True)  # noqa: E731
+        self.storage.retry(tell, f"tell trial {trial_number} of {_short(study.study_name)}")
 
     # -- gates and outcomes -------------------------------------------------------------------------------------
 
@@ -584,11 +647,14 @@ class SearchDriver:
         name = study_name(cell_hash, task)
         if sampler is None and name in self._studies:
             return self._studies[name]
+        # Both are idempotent under retry: load_if_exists finds a study whose creation was acknowledged too late.
         if create:
-            study = self._optuna.create_study(storage=self.optuna_storage, study_name=name, direction="maximize",
-                                              sampler=sampler, load_if_exists=True)
+            study = self.storage.retry(lambda: self._optuna.create_study(
+                storage=self.optuna_storage, study_name=name, direction="maximize", sampler=sampler,
+                load_if_exists=True), f"create study {_short(name)}")
         else:
-            study = self._optuna.load_study(study_name=name, storage=self.optuna_storage, sampler=sampler)
+            study = self.storage.retry(lambda: self._optuna.load_study(
+                study_name=name, storage=self.optuna_storage, sampler=sampler), f"load study {_short(name)}")
         self._studies[name] = study
         return study
 
@@ -603,6 +669,12 @@ class SearchDriver:
             self.progress.best_cell = max(finite, key=lambda h: (finite[h], h))
             self.progress.best_score = finite[self.progress.best_cell]
         self._on_progress(self.progress)
+
+
+def _short(name: str) -> str:
+    """A study name for log lines: the cell's short hash and the task."""
+    cell, _, task = name.partition("/")
+    return f"{cell[:12]}/{task}"
 
 
 def _finite(value: float) -> float:

@@ -117,7 +117,9 @@ class RayExecutor:
         self._started_ray = False
         if not ray.is_initialized():
             if address is None and not os.environ.get("RAY_ADDRESS"):
-                ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True,
+                # "local": a new instance even when another one on this machine is recorded in
+                # /tmp/ray/ray_current_cluster (ray.init() without an address would attach to it).
+                ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=True,
                          configure_logging=False)
             else:
                 ray.init(address=address, log_to_driver=True, configure_logging=False)

@@ -3,7 +3,7 @@
 A run directory holds
 
 ``config.yaml``
-    the resolved search config (every key, with the storage URL filled in);
+    the resolved search config (every key, with the storage URL filled in, without its password);
 ``versions.json``
     the versions of python, torch, ray, optuna, pandas, numpy, networkx,
     sqlalchemy and cellsearch that started the run;
@@ -11,12 +11,20 @@ A run directory holds
     the run id and storage URL (how ``resume`` and ``load_run`` find the database);
 ``run.db``
     the SQLite database, unless ``storage`` names another database.
+
+No file and no table holds a database password: a storage URL given with one
+is used for the session that created the run, with a warning, and stored
+without it; ``resume`` and ``load_run`` connect with the password from the
+environment (``PGPASSWORD``, ``~/.pgpass`` or ``$CELLSEARCH_STORAGE_URL``, see
+:func:`cellsearch.search.storage.connect_url`). Both ``create_run`` and
+``open_run`` first prove the run directory writable by writing a file there.
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import os
 import platform
 import signal
 import sys
@@ -30,10 +38,11 @@ from cellsearch.config import from_mapping, load_yaml
 from cellsearch.errors import UserError
 from cellsearch.search.config import SearchConfig, resolve_ptb_dir
 from cellsearch.search.driver import Progress, SearchDriver
-from cellsearch.search.storage import RunStorage, normalize_url, sqlite_url
+from cellsearch.search.storage import RunStorage, STORAGE_URL_ENV, connect_url, has_password, normalize_url, \
+    redact_url, remember_url, sqlite_url
 
 __all__ = ["package_versions", "create_run", "open_run", "make_executor", "drive", "stop_on_signals",
-           "task_loader", "read_run_info"]
+           "task_loader", "read_run_info", "ensure_writable"]
 
 _PACKAGES = ("torch", "ray", "optuna", "pandas", "numpy", "networkx", "sqlalchemy", "cellsearch")
 
@@ -57,52 +66,109 @@ def read_run_info(run_dir: str | Path) -> dict[str, Any]:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
-def create_run(config: SearchConfig, run_dir: str | Path) -> tuple[SearchConfig, RunStorage]:
-    """A new run: directory, resolved config, versions and an empty database."""
+def ensure_writable(run_dir: Path) -> None:
+    """Create ``run_dir`` if needed and prove it writable by writing (and removing) a file in it.
+
+    A real write, not a permission check: root passes every permission check but not an immutable
+    directory, a read-only mount or a full disk.
+    """
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UserError(f"cannot create the run directory {run_dir}: {error.strerror or error}") from None
+    probe = run_dir / f".cellsearch-write-test-{os.getpid()}"
+    try:
+        with open(probe, "wb") as handle:
+            handle.write(b"cellsearch\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+    except OSError as error:
+        raise UserError(f"the run directory {run_dir} is not writable: {error.strerror or error}") from None
+    finally:
+        try:
+            probe.unlink(missing_ok=True)
+        except OSError:  # a read-only file system may refuse even a missing file; the error above says why
+            pass
+
+
+def _write_file(path: Path, text: str) -> None:
+    """Write ``path`` atomically (a temporary file renamed over it): a kill never leaves half a file."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        temporary.write_text(text, encoding="utf-8")
+        os.replace(temporary, path)
+    except OSError as error:
+        temporary.unlink(missing_ok=True)
+        raise UserError(f"cannot write {path}: {error.strerror or error}") from None
+
+
+def create_run(config: SearchConfig, run_dir: str | Path,
+               log: Callable[[str], None] | None = None) -> tuple[SearchConfig, RunStorage]:
+    """A new run: directory, resolved config, versions and an empty database.
+
+    A storage URL with a password is used for this session only (``log`` gets a warning); every
+    stored copy of the URL has no password.
+    """
+    log = log or (lambda message: print(message, file=sys.stderr))
     run_dir = Path(run_dir)
     if (run_dir / "run.json").exists():
         raise UserError(f"{run_dir} already holds a search; continue it with `cellsearch resume {run_dir}`")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    resolved = config.with_overrides(storage=normalize_url(config.storage or sqlite_url(run_dir / "run.db")),
-                                     ptb_dir=resolve_ptb_dir(config))
-    storage = RunStorage(resolved.storage, create=True)
+    ptb_dir = resolve_ptb_dir(config)  # before the directory exists: a bad data directory leaves nothing behind
+    ensure_writable(run_dir)
+    url = normalize_url(config.storage or sqlite_url(run_dir / "run.db"))
+    if has_password(url):
+        remember_url(url)
+        log(f"warning: the password in the storage URL is used for this session but not stored; `cellsearch "
+            f"resume` and load_run take it from PGPASSWORD, ~/.pgpass or ${STORAGE_URL_ENV}")
+    else:
+        url = connect_url(url)
+    resolved = config.with_overrides(storage=redact_url(url), ptb_dir=ptb_dir)
+    storage = RunStorage(url, create=True, retry_s=resolved.storage_retry_s, log=log)
     existing = storage.run_row()
     if existing is not None:
         storage.close()
-        raise UserError(f"the database {_redacted(resolved.storage)} already holds run {existing['run_id']}; "
+        raise UserError(f"the database {storage.display_url} already holds run {existing['run_id']}; "
                         f"give each search its own database")
     run_id = uuid.uuid4().hex
     versions = package_versions()
+    # The files first, the database's run row last: a kill between the two leaves a run that `resume`
+    # finishes creating (open_run), never a database row that no run directory points to.
+    _write_file(run_dir / "config.yaml", resolved.to_yaml())
+    _write_file(run_dir / "versions.json", json.dumps(versions, indent=2) + "\n")
+    _write_file(run_dir / "run.json", json.dumps({"run_id": run_id, "storage": resolved.storage}, indent=2) + "\n")
     storage.create_run(run_id, resolved.to_yaml(), versions)
-    (run_dir / "config.yaml").write_text(resolved.to_yaml(), encoding="utf-8")
-    (run_dir / "versions.json").write_text(json.dumps(versions, indent=2) + "\n", encoding="utf-8")
-    (run_dir / "run.json").write_text(json.dumps({"run_id": run_id, "storage": resolved.storage}, indent=2) + "\n",
-                                      encoding="utf-8")
     return resolved, storage
 
 
-def open_run(run_dir: str | Path, **overrides: Any) -> tuple[SearchConfig, RunStorage]:
-    """Reopen a run for ``resume``; ``overrides`` (e.g. a larger ``max_steps``) are saved to its config."""
+def open_run(run_dir: str | Path, log: Callable[[str], None] | None = None,
+             **overrides: Any) -> tuple[SearchConfig, RunStorage]:
+    """Reopen a run for ``resume``; ``overrides`` (e.g. a larger ``max_steps``) are saved to its config.
+
+    The database is reached with the stored URL and the password from the environment
+    (:func:`~cellsearch.search.storage.connect_url`).
+    """
+    log = log or (lambda message: print(message, file=sys.stderr))
     run_dir = Path(run_dir)
     info = read_run_info(run_dir)
     config = from_mapping(SearchConfig, load_yaml(run_dir / "config.yaml"))
-    storage = RunStorage(info["storage"])
+    ensure_writable(run_dir)
+    storage = RunStorage(connect_url(info["storage"]), retry_s=config.storage_retry_s, log=log)
     row = storage.run_row()
-    if row is None or row["run_id"] != info["run_id"]:
+    if row is None:
+        # `cellsearch search` was stopped after writing run.json but before its first transaction.
+        log(f"finishing the creation of run {info['run_id']} (its first start was interrupted)")
+        versions_file = run_dir / "versions.json"
+        versions = json.loads(versions_file.read_text(encoding="utf-8")) if versions_file.is_file() else {}
+        storage.create_run(info["run_id"], config.to_yaml(), versions or package_versions())
+    elif row["run_id"] != info["run_id"]:
         storage.close()
         raise UserError(f"the database of {run_dir} does not hold run {info['run_id']}")
     changed = {k: v for k, v in overrides.items() if v is not None}
     if changed:
         config = config.with_overrides(**changed)
-        (run_dir / "config.yaml").write_text(config.to_yaml(), encoding="utf-8")
+        _write_file(run_dir / "config.yaml", config.to_yaml())
         storage.update_config(config.to_yaml())
     return config, storage
-
-
-def _redacted(url: str) -> str:
-    from sqlalchemy.engine import make_url
-
-    return make_url(url).render_as_string(hide_password=True)
 
 
 @functools.lru_cache(maxsize=16)

@@ -9,22 +9,63 @@ Only the driver writes. Every state change the search depends on is one
 transaction: a unit's evaluations, its ``done`` mark and the step's
 bookkeeping commit together, so after a crash a unit either counts fully or
 not at all (and is then re-run with the same settings).
+
+Faults. Every transaction (and, through :meth:`RunStorage.retry`, every Optuna
+call the driver makes) survives a dropped connection: a PostgreSQL restart or
+failover, a reset connection, a locked SQLite file. Such *transient* errors are
+retried with backoff for ``storage_retry_s`` seconds, each retry logged; after
+that :class:`StorageUnreachable` stops the search. Each write is idempotent
+under retry: a transaction that committed on the server but whose
+acknowledgement was lost is recognised on the next attempt ("already done by
+me") and not applied twice. A write that fails for lack of space or an I/O
+error (SQLite "database or disk is full", ENOSPC, EFBIG, EROFS, EACCES,
+PostgreSQL ``disk_full``) raises :class:`StorageFull` at once. Both are
+:class:`~cellsearch.errors.UserError`: one line, never a traceback; nothing
+committed is touched, and ``cellsearch resume`` continues once the cause is gone.
+
+Credentials. A storage URL written anywhere (``run.json``, ``config.yaml``, the
+``cs_run`` table) carries no password (:func:`redact_url`); connections take it
+from the environment (:func:`connect_url`): libpq's ``PGPASSWORD`` or
+``~/.pgpass``, or a full URL in ``$CELLSEARCH_STORAGE_URL`` naming the same
+server and database.
 """
 
 from __future__ import annotations
 
+import errno
 import json
+import os
+import shutil
+import sys
 import time
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping, TypeVar
 
 import sqlalchemy as sa
+
+from cellsearch.errors import UserError
+
+_T = TypeVar("_T")
 
 #: The width at which ``params_per_width`` is measured.
 PARAMETER_WIDTH = 128
 
 __all__ = ["PARAMETER_WIDTH", "RunStorage", "metadata", "sqlite_url", "normalize_url", "make_engine", "tune_sqlite",
+           "engine_options", "redact_url", "connect_url", "remember_url", "has_password", "STORAGE_URL_ENV",
+           "StorageError", "StorageFull", "StorageUnreachable", "is_transient", "is_storage_full", "retry",
+           "DEFAULT_RETRY_S",
            "CELLS", "STEPS", "UNITS", "EVALUATIONS", "POPULATION", "STATE", "RUN"]
+
+#: Environment variable holding a full storage URL (with its password) for connecting; it is used only when it
+#: names the same server and database as the stored URL.
+STORAGE_URL_ENV = "CELLSEARCH_STORAGE_URL"
+
+#: Seconds a transient error is retried when no config says otherwise (``SearchConfig.storage_retry_s``).
+DEFAULT_RETRY_S = 300.0
+
+#: Backoff between retries: the first wait, doubled each time up to the last.
+_FIRST_WAIT_S = 0.5
+_LONGEST_WAIT_S = 10.0
 
 metadata = sa.MetaData()
 
@@ -149,7 +190,10 @@ def normalize_url(url: str) -> str:
     """
     import importlib.util
 
-    parsed = sa.engine.make_url(url)
+    try:
+        parsed = sa.engine.make_url(url)
+    except sa.exc.ArgumentError as error:
+        raise UserError(f"the storage URL cannot be used: {error}") from None
     if parsed.drivername == "postgresql" and importlib.util.find_spec("psycopg") is None \
             and importlib.util.find_spec("psycopg2") is not None:
         return parsed.set(drivername="postgresql+psycopg2").render_as_string(hide_password=False)
@@ -179,49 +223,338 @@ def tune_sqlite(engine: sa.Engine, read_only: bool = False) -> sa.Engine:
     return engine
 
 
+def engine_options(url: str) -> dict[str, Any]:
+    """Keyword arguments of ``create_engine`` for the run database (shared by our engine and Optuna's).
+
+    Server databases get ``pool_pre_ping`` (a connection pooled before a server restart is replaced
+    before use, not failed on), a connect timeout and TCP keepalives (a dead server is noticed in
+    seconds, not after the kernel's two-hour default), unless the URL sets them itself.
+    """
+    parsed = sa.engine.make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        return {}
+    options: dict[str, Any] = {"pool_pre_ping": True}
+    if parsed.get_backend_name() == "postgresql":
+        libpq = {"connect_timeout": 10, "keepalives": 1, "keepalives_idle": 30, "keepalives_interval": 10,
+                 "keepalives_count": 3}
+        options["connect_args"] = {key: value for key, value in libpq.items() if key not in parsed.query}
+    return options
+
+
 def make_engine(url: str) -> sa.Engine:
-    """An engine for the run database (SQLite tuned by :func:`tune_sqlite`)."""
-    return tune_sqlite(sa.create_engine(url), read_only="mode=ro" in url)
+    """An engine for the run database (SQLite tuned by :func:`tune_sqlite`; see :func:`engine_options`)."""
+    return tune_sqlite(sa.create_engine(url, **engine_options(url)), read_only="mode=ro" in url)
+
+
+# -- credentials -------------------------------------------------------------------------------------------------
+
+def has_password(url: str) -> bool:
+    """Whether ``url`` carries a password."""
+    return sa.engine.make_url(url).password is not None
+
+
+def redact_url(url: str) -> str:
+    """``url`` without its password: the only form of a storage URL that is ever written down or shown."""
+    parsed = sa.engine.make_url(url)
+    if parsed.password is None:
+        return url
+    stripped = sa.engine.URL.create(parsed.drivername, username=parsed.username, host=parsed.host, port=parsed.port,
+                                    database=parsed.database, query=parsed.query)
+    return stripped.render_as_string(hide_password=False)
+
+
+def _database_identity(url: sa.engine.URL) -> tuple:
+    default_ports = {"postgresql": 5432, "mysql": 3306}
+    backend = url.get_backend_name()
+    return backend, (url.host or "localhost"), url.port or default_ports.get(backend), url.database
+
+
+#: URLs with a password that this process was given (``cellsearch search --storage URL``), by database, so
+#: that the process that created a run can read it back (the summary at the end) though no file has the password.
+_session_urls: dict[tuple, str] = {}
+
+
+def remember_url(url: str) -> None:
+    """Keep ``url`` (with its password) in this process's memory for :func:`connect_url`; never written."""
+    _session_urls[_database_identity(sa.engine.make_url(url))] = url
+
+
+def connect_url(stored: str, environ: Mapping[str, str] | None = None) -> str:
+    """The URL to connect with for a stored (password-free) URL.
+
+    ``$CELLSEARCH_STORAGE_URL`` wins when it names the same server (host, port) and database; then a URL
+    given to this process (:func:`remember_url`); otherwise the stored URL is used as it is and the driver
+    finds the password itself (libpq: ``PGPASSWORD``, ``~/.pgpass``).
+    """
+    environ = os.environ if environ is None else environ
+    try:
+        identity = _database_identity(sa.engine.make_url(stored))
+    except sa.exc.ArgumentError as error:
+        raise UserError(f"the stored storage URL cannot be used: {error}") from None
+    override = environ.get(STORAGE_URL_ENV)
+    if override:
+        try:
+            candidate = sa.engine.make_url(normalize_url(override))
+        except sa.exc.ArgumentError as error:
+            raise UserError(f"${STORAGE_URL_ENV} is not a database URL ({error})") from None
+        if _database_identity(candidate) == identity:
+            return candidate.render_as_string(hide_password=False)
+    return _session_urls.get(identity, stored)
+
+
+# -- faults ------------------------------------------------------------------------------------------------------
+
+class StorageError(UserError):
+    """The run database cannot be used right now; everything committed so far is intact."""
+
+    #: Exit status of ``cellsearch search``/``resume`` stopped by this error.
+    exit_status = 75
+    #: What the user does before ``cellsearch resume``.
+    remedy = "once the database is back"
+
+
+class StorageUnreachable(StorageError):
+    """Transient errors (a dropped connection, a restarting server, a locked file) outlasted the retry window."""
+
+    exit_status = 75  # EX_TEMPFAIL: try again later
+    remedy = "once the database is reachable"
+
+
+class StorageFull(StorageError):
+    """The database cannot be written: its disk is full (or below ``min_free_space_mb``), read-only or failing."""
+
+    exit_status = 74  # EX_IOERR
+    remedy = "after freeing space (or making the run directory writable)"
+
+
+#: PostgreSQL SQLSTATEs worth retrying: connection exceptions (class 08), admin/crash shutdown, the server
+#: starting up, serialization failures and deadlocks (a retried transaction succeeds), too many connections.
+_TRANSIENT_SQLSTATES = ("08", "57P01", "57P02", "57P03", "40001", "40P01", "53300")
+#: Messages of drivers that carry no SQLSTATE (libpq connection failures, SQLite), lower case.
+_TRANSIENT_MESSAGES = (
+    "connection refused", "could not connect", "server closed the connection", "terminating connection",
+    "connection reset", "connection already closed", "connection is closed", "no connection to the server",
+    "the database system is starting up", "the database system is shutting down",
+    "the database system is in recovery mode", "the database system is not yet accepting connections",
+    "ssl connection has been closed", "ssl syscall error", "could not receive data", "could not send data",
+    "broken pipe", "connection timed out", "timeout expired", "lost synchronization with server",
+    "database is locked", "database table is locked", "unexpectedly closed", "eof detected",
+)
+#: Disk full / read-only / I/O failure: retrying cannot help.
+_FULL_SQLSTATES = ("53100", "58030")  # disk_full, io_error
+_FULL_MESSAGES = (
+    "database or disk is full", "disk i/o error", "attempt to write a readonly database",
+    "unable to open database file", "no space left on device", "file too large", "read-only file system",
+    "disk quota exceeded", "could not extend file", "could not write to file",
+)
+_FULL_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO,
+                getattr(errno, "EDQUOT", errno.ENOSPC)}
+_DBAPI_MODULES = ("psycopg2", "psycopg", "sqlite3", "pg8000", "asyncpg")
+_DRIVER_MODULES = (*_DBAPI_MODULES, "sqlalchemy", "optuna")
+
+
+def _causes(error: BaseException) -> list[BaseException]:
+    """``error`` and everything it wraps (``orig`` of SQLAlchemy errors, ``__cause__``, ``__context__``)."""
+    found: list[BaseException] = []
+    stack = [error]
+    while stack:
+        current = stack.pop()
+        if current is None or any(current is seen for seen in found):
+            continue
+        found.append(current)
+        stack.extend([getattr(current, "orig", None), current.__cause__, current.__context__])
+    return [e for e in found if isinstance(e, BaseException)]
+
+
+def _from_driver(error: BaseException) -> bool:
+    return type(error).__module__.split(".")[0] in _DRIVER_MODULES
+
+
+def _sqlstate(error: BaseException) -> str:
+    return str(getattr(error, "pgcode", None) or getattr(error, "sqlstate", None) or "")
+
+
+def is_storage_full(error: BaseException) -> bool:
+    """Whether ``error`` means the database cannot be written (full disk, read-only, I/O error)."""
+    for cause in _causes(error):
+        if isinstance(cause, OSError) and not _from_driver(cause) and cause.errno in _FULL_ERRNOS:
+            return True
+        if _sqlstate(cause).startswith(_FULL_SQLSTATES):
+            return True
+        if _from_driver(cause) and any(text in str(cause).lower() for text in _FULL_MESSAGES):
+            return True
+    return False
+
+
+def is_transient(error: BaseException) -> bool:
+    """Whether retrying ``error`` may succeed: a lost connection, a restarting server, a locked SQLite file."""
+    if isinstance(error, StorageError):
+        return False
+    for cause in _causes(error):
+        if isinstance(cause, sa.exc.DBAPIError) and cause.connection_invalidated:
+            return True
+        if isinstance(cause, (sa.exc.DisconnectionError, ConnectionError)):
+            return True
+        if _sqlstate(cause).startswith(_TRANSIENT_SQLSTATES):
+            return True
+        if _from_driver(cause) and any(text in str(cause).lower() for text in _TRANSIENT_MESSAGES):
+            return True
+    return False
+
+
+def _summary(error: BaseException) -> str:
+    """The first line of the innermost driver message (no SQL, no parameters)."""
+    causes = _causes(error)
+    # The database driver's own error says what happened; wrappers (SQLAlchemy, Optuna) only that it did.
+    ranked = sorted(causes, key=lambda e: (type(e).__module__.split(".")[0] not in _DBAPI_MODULES,
+                                           not isinstance(e, OSError)))
+    chosen = ranked[0]
+    text = str(chosen).strip().splitlines()[0] if str(chosen).strip() else type(chosen).__name__
+    return text[:300]
+
+
+def retry(operation: Callable[[], _T], what: str, window_s: float, log: Callable[[str], None],
+          where: str = "the run database", before_retry: Callable[[], None] | None = None) -> _T:
+    """``operation()``, retried with backoff while it fails transiently, for at most ``window_s`` seconds.
+
+    ``before_retry`` runs before each retry, inside the retried block (it may touch the database): it
+    undoes what a failed attempt may have left behind. A full disk raises :class:`StorageFull` at once;
+    a transient error that lasts past the window raises :class:`StorageUnreachable`; other errors pass.
+    """
+    started = time.monotonic()
+    wait = _FIRST_WAIT_S
+    attempt = 0
+    while True:
+        try:
+            if attempt and before_retry is not None:
+                before_retry()
+            return operation()
+        except StorageError:
+            raise
+        except Exception as error:
+            if is_storage_full(error):
+                raise StorageFull(f"cannot write {where} ({what}): {_summary(error)}; committed work is safe") \
+                    from error
+            if not is_transient(error):
+                raise
+            elapsed = time.monotonic() - started
+            if elapsed + wait > window_s:
+                raise StorageUnreachable(
+                    f"{where} has failed for {elapsed:.0f} s ({what}: {_summary(error)}); gave up after "
+                    f"{attempt + 1} tries (storage_retry_s = {window_s:g}); committed work is safe") from error
+            attempt += 1
+            log(f"{where}: {what} failed ({_summary(error)}); retry {attempt} in {wait:.1f} s")
+            time.sleep(wait)
+            wait = min(2 * wait, _LONGEST_WAIT_S)
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
 
 
 class RunStorage:
-    """The driver's access to its own tables; all writes go through here."""
+    """The driver's access to its own tables; all writes go through here.
 
-    def __init__(self, url: str, create: bool = False):
+    ``url`` is the URL to connect with (it may carry a password: it is never written or shown;
+    :attr:`display_url` is). Every method is one transaction retried as described in the module
+    docstring; ``retry_s`` is the retry window and ``log`` receives a line per retry.
+    """
+
+    def __init__(self, url: str, create: bool = False, retry_s: float = DEFAULT_RETRY_S,
+                 log: Callable[[str], None] | None = None):
         self.url = url
-        self.engine = make_engine(url)
+        self.retry_s = retry_s
+        self.log = log or _stderr
+        try:
+            self.display_url = redact_url(url)
+            self.engine = make_engine(url)
+        except (sa.exc.ArgumentError, sa.exc.NoSuchModuleError, ImportError) as error:
+            # The message names the scheme or the parse failure, never the URL (it may hold a password).
+            raise UserError(f"the storage URL cannot be used: {error}") from None
         if create:
-            metadata.create_all(self.engine)
+            try:
+                self.retry(lambda: metadata.create_all(self.engine), "create tables")
+            except sa.exc.SQLAlchemyError as error:
+                self.engine.dispose()
+                raise UserError(f"cannot use the run database {self.display_url}: {_summary(error)}") from None
 
     def close(self) -> None:
         self.engine.dispose()
 
+    def retry(self, operation: Callable[[], _T], what: str, before_retry: Callable[[], None] | None = None) -> _T:
+        """``operation()`` under this storage's retry policy (see :func:`retry`); the driver's Optuna calls use it."""
+        return retry(operation, what, self.retry_s, self.log, where=f"the run database {self.display_url}",
+                     before_retry=before_retry)
+
+    def _write(self, what: str, body: Callable[[sa.Connection, bool], _T]) -> _T:
+        """``body(connection, retrying)`` in one transaction, retried.
+
+        ``retrying`` is True from the second attempt on: only then may the body find its own earlier
+        commit (acknowledgement lost) and treat it as done; a first attempt that finds the work done
+        is a real double count and fails as before.
+        """
+        attempts = 0
+
+        def attempt() -> _T:
+            nonlocal attempts
+            attempts += 1
+            with self.engine.begin() as connection:
+                return body(connection, attempts > 1)
+
+        return self.retry(attempt, what)
+
+    def _read(self, what: str, body: Callable[[sa.Connection], _T]) -> _T:
+        def attempt() -> _T:
+            with self.engine.connect() as connection:
+                return body(connection)
+
+        return self.retry(attempt, what)
+
+    def database_directory(self) -> Path | None:
+        """The directory of a SQLite database file (None for server databases and in-memory SQLite)."""
+        parsed = sa.engine.make_url(self.url)
+        if parsed.get_backend_name() != "sqlite" or not parsed.database or parsed.database == ":memory:":
+            return None
+        database = parsed.database[len("file:"):] if parsed.database.startswith("file:") else parsed.database
+        return Path(database).resolve().parent
+
+    def free_bytes(self) -> int | None:
+        """Free space (bytes) on the filesystem of a SQLite database; None for server databases."""
+        directory = self.database_directory()
+        if directory is None:
+            return None
+        return shutil.disk_usage(directory).free
+
     # -- run identity -------------------------------------------------------------------------------------------
 
     def run_row(self) -> Mapping[str, Any] | None:
+        """The ``cs_run`` row, or None when the database holds no run (no tables yet)."""
         try:
-            with self.engine.connect() as connection:
-                return connection.execute(sa.select(RUN)).mappings().first()
-        except sa.exc.OperationalError:
-            return None
-        except sa.exc.ProgrammingError:
-            return None
+            return self._read("read the run", lambda c: c.execute(sa.select(RUN)).mappings().first())
+        except sa.exc.SQLAlchemyError as error:
+            if any("no such table" in str(e) or _sqlstate(e) == "42P01" for e in _causes(error)):
+                return None
+            # A wrong password, an unknown host or database: one clear line, not a traceback.
+            raise UserError(f"cannot use the run database {self.display_url}: {_summary(error)}") from None
 
     def create_run(self, run_id: str, config_yaml: str, versions: Mapping[str, str]) -> None:
-        with self.engine.begin() as connection:
+        def body(connection: sa.Connection, retrying: bool) -> None:
+            if retrying and connection.execute(sa.select(RUN.c.run_id).where(RUN.c.run_id == run_id)).first():
+                return  # committed by an earlier attempt whose acknowledgement was lost
             connection.execute(RUN.insert().values(run_id=run_id, created_at=time.time(), config_yaml=config_yaml,
                                                    versions_json=json.dumps(dict(versions))))
             connection.execute(STATE.insert().values(key="next_step", value=0))
 
+        self._write("create the run", body)
+
     def update_config(self, config_yaml: str) -> None:
-        with self.engine.begin() as connection:
-            connection.execute(RUN.update().values(config_yaml=config_yaml))
+        self._write("update the config", lambda c, _: c.execute(RUN.update().values(config_yaml=config_yaml)))
 
     # -- counters -----------------------------------------------------------------------------------------------
 
     def counter(self, key: str) -> int:
-        with self.engine.connect() as connection:
-            return int(connection.execute(sa.select(STATE.c.value).where(STATE.c.key == key)).scalar_one())
+        return self._read("read a counter", lambda c: int(
+            c.execute(sa.select(STATE.c.value).where(STATE.c.key == key)).scalar_one()))
 
     # -- reads used to rebuild the driver's state ---------------------------------------------------------------
 
@@ -229,46 +562,40 @@ class RunStorage:
         query = sa.select(CELLS).order_by(CELLS.c.step_created, CELLS.c.hash)
         if statuses is not None:
             query = query.where(CELLS.c.status.in_(list(statuses)))
-        with self.engine.connect() as connection:
-            return list(connection.execute(query).mappings())
+        return self._read("read cells", lambda c: list(c.execute(query).mappings()))
 
     def best_scores(self) -> dict[tuple[str, str], float]:
         """(cell hash, task) -> best score over every committed evaluation."""
         query = sa.select(EVALUATIONS.c.cell_hash, EVALUATIONS.c.task, sa.func.max(EVALUATIONS.c.score)).group_by(
             EVALUATIONS.c.cell_hash, EVALUATIONS.c.task)
-        with self.engine.connect() as connection:
-            return {(cell, task): float(best) for cell, task, best in connection.execute(query)}
+        return self._read("read best scores", lambda c: {
+            (cell, task): float(best) for cell, task, best in c.execute(query)})
 
     def population_entries(self) -> dict[str, int]:
         """Cell hash -> step at which it last entered the population (for aging)."""
         query = sa.select(POPULATION.c.cell_hash, sa.func.max(POPULATION.c.step)).where(
             POPULATION.c.action == "enter").group_by(POPULATION.c.cell_hash)
-        with self.engine.connect() as connection:
-            return {cell: int(step) for cell, step in connection.execute(query)}
+        return self._read("read the population", lambda c: {cell: int(step) for cell, step in c.execute(query)})
 
     def active_steps(self) -> list[Mapping[str, Any]]:
-        with self.engine.connect() as connection:
-            return list(connection.execute(
-                sa.select(STEPS).where(STEPS.c.status == "active").order_by(STEPS.c.step)).mappings())
+        query = sa.select(STEPS).where(STEPS.c.status == "active").order_by(STEPS.c.step)
+        return self._read("read active steps", lambda c: list(c.execute(query).mappings()))
 
     def units_of_step(self, step: int) -> list[Mapping[str, Any]]:
-        with self.engine.connect() as connection:
-            return list(connection.execute(
-                sa.select(UNITS).where(UNITS.c.step == step).order_by(UNITS.c.unit_id)).mappings())
+        query = sa.select(UNITS).where(UNITS.c.step == step).order_by(UNITS.c.unit_id)
+        return self._read("read units", lambda c: list(c.execute(query).mappings()))
 
     def untold_units(self) -> list[Mapping[str, Any]]:
-        with self.engine.connect() as connection:
-            return list(connection.execute(
-                sa.select(UNITS).where(UNITS.c.status == "done", UNITS.c.told.is_(False))).mappings())
+        query = sa.select(UNITS).where(UNITS.c.status == "done", UNITS.c.told.is_(False))
+        return self._read("read untold units", lambda c: list(c.execute(query).mappings()))
 
     def evaluations_of_unit(self, unit_id: int) -> list[Mapping[str, Any]]:
-        with self.engine.connect() as connection:
-            return list(connection.execute(
-                sa.select(EVALUATIONS).where(EVALUATIONS.c.unit_id == unit_id)).mappings())
+        query = sa.select(EVALUATIONS).where(EVALUATIONS.c.unit_id == unit_id)
+        return self._read("read evaluations", lambda c: list(c.execute(query).mappings()))
 
     def counts(self) -> dict[str, int]:
         """Totals for the progress bar: search steps (started, done), units done, evaluations, cells evaluated."""
-        with self.engine.connect() as connection:
+        def body(connection: sa.Connection) -> dict[str, int]:
             scalar = lambda q: int(connection.execute(q).scalar_one() or 0)  # noqa: E731
             return {
                 "search_steps": scalar(sa.select(sa.func.count()).select_from(STEPS).where(STEPS.c.kind != "seed")),
@@ -282,7 +609,9 @@ class RunStorage:
                                                           CELLS.c.rejected_by != "duplicate"))),
             }
 
-    # -- writes -------------------------------------------------------------------------------------------------
+        return self._read("read counts", body)
+
+    # -- writes (each one transaction, idempotent under retry) --------------------------------------------------
 
     def start_step(self, step: int, kind: str, cell_hash: str, parent_hash: str | None,
                    new_cell: Mapping[str, Any] | None, finished_outcome: str | None = None) -> None:
@@ -291,7 +620,11 @@ class RunStorage:
         ``finished_outcome`` records a step that ends at once (a duplicate candidate).
         """
         now = time.time()
-        with self.engine.begin() as connection:
+
+        def body(connection: sa.Connection, retrying: bool) -> None:
+            if retrying and connection.execute(sa.select(STEPS.c.step).where(
+                    STEPS.c.step == step, STEPS.c.cell_hash == cell_hash)).first() is not None:
+                return  # committed by an earlier attempt whose acknowledgement was lost
             if new_cell is not None:
                 connection.execute(CELLS.insert().values(created_at=now, **new_cell))
             connection.execute(STEPS.insert().values(
@@ -300,49 +633,78 @@ class RunStorage:
                 finished_at=now if finished_outcome else None))
             connection.execute(STATE.update().where(STATE.c.key == "next_step").values(value=step + 1))
 
+        self._write(f"start step {step}", body)
+
     def add_units(self, rows: list[Mapping[str, Any]]) -> list[int]:
         """Insert planned units (status pending) in one transaction; returns their ids in order."""
         now = time.time()
-        ids = []
-        with self.engine.begin() as connection:
+
+        def body(connection: sa.Connection, retrying: bool) -> list[int]:
+            ids = []
             for row in rows:
+                existing = retrying and connection.execute(sa.select(UNITS.c.unit_id, UNITS.c.settings_json).where(
+                    UNITS.c.step == row["step"], UNITS.c.stage == row["stage"], UNITS.c.task == row["task"],
+                    UNITS.c.slot == row["slot"])).first()
+                if existing and existing.settings_json == row["settings_json"]:
+                    ids.append(int(existing.unit_id))  # an earlier attempt committed, its acknowledgement was lost
+                    continue
                 result = connection.execute(UNITS.insert().values(status="pending", told=False, submissions=0,
                                                                   created_at=now, **row))
                 ids.append(int(result.inserted_primary_key[0]))
-        return ids
+            return ids
+
+        return self._write("record units", body)
 
     def commit_unit(self, unit_id: int, step: int, cell_hash: str, task: str,
                     evaluations: list[Mapping[str, Any]]) -> None:
-        """A finished unit: its evaluations and its ``done`` mark, in one transaction."""
+        """A finished unit: its evaluations and its ``done`` mark, in one transaction.
+
+        A unit counts once: committing a unit that is already done raises, unless this is a retry and the
+        unit is done with exactly these trials (the earlier attempt committed; its acknowledgement was lost).
+        """
         now = time.time()
-        with self.engine.begin() as connection:
+
+        def body(connection: sa.Connection, retrying: bool) -> None:
             updated = connection.execute(UNITS.update().where(UNITS.c.unit_id == unit_id,
                                                               UNITS.c.status == "pending").values(
                 status="done", finished_at=now))
             if updated.rowcount != 1:
+                if not retrying:
+                    raise RuntimeError(f"unit {unit_id} is not pending; refusing to count it twice")
+                status = connection.execute(sa.select(UNITS.c.status).where(UNITS.c.unit_id == unit_id)).scalar()
+                stored = sorted(connection.execute(sa.select(EVALUATIONS.c.trial_number).where(
+                    EVALUATIONS.c.unit_id == unit_id)).scalars())
+                if status == "done" and stored == sorted(row["trial_number"] for row in evaluations):
+                    return
                 raise RuntimeError(f"unit {unit_id} is not pending; refusing to count it twice")
             for row in evaluations:
                 connection.execute(EVALUATIONS.insert().values(unit_id=unit_id, step=step, cell_hash=cell_hash,
                                                                task=task, finished_at=now, **row))
 
+        self._write(f"commit unit {unit_id}", body)
+
     def mark_told(self, unit_id: int) -> None:
-        with self.engine.begin() as connection:
-            connection.execute(UNITS.update().where(UNITS.c.unit_id == unit_id).values(told=True))
+        self._write(f"mark unit {unit_id} told", lambda c, _: c.execute(
+            UNITS.update().where(UNITS.c.unit_id == unit_id).values(told=True)))
 
     def note_submission(self, unit_id: int) -> None:
-        with self.engine.begin() as connection:
-            connection.execute(UNITS.update().where(UNITS.c.unit_id == unit_id).values(
-                submissions=UNITS.c.submissions + 1))
+        # A retry after a lost acknowledgement may count one submission twice; the column is only a statistic.
+        self._write(f"note a submission of unit {unit_id}", lambda c, _: c.execute(
+            UNITS.update().where(UNITS.c.unit_id == unit_id).values(submissions=UNITS.c.submissions + 1)))
 
     def set_stage(self, step: int, stage: int) -> None:
-        with self.engine.begin() as connection:
-            connection.execute(STEPS.update().where(STEPS.c.step == step).values(stage=stage))
+        self._write(f"advance step {step}", lambda c, _: c.execute(
+            STEPS.update().where(STEPS.c.step == step).values(stage=stage)))
 
     def finish_step(self, step: int, outcome: str, cell_updates: Mapping[str, Mapping[str, Any]],
                     population_changes: list[tuple[str, str, float | None]]) -> None:
         """End a step: its outcome, cell status changes and population changes, in one transaction."""
         now = time.time()
-        with self.engine.begin() as connection:
+
+        def body(connection: sa.Connection, retrying: bool) -> None:
+            if retrying and connection.execute(sa.select(STEPS.c.status).where(STEPS.c.step == step)).scalar() \
+                    == "done":
+                return  # an earlier attempt committed, its acknowledgement was lost
             connection.execute(STEPS.update().where(STEPS.c.step == step).values(
                 status="done", outcome=outcome, finished_at=now))
             for cell_hash, values in cell_updates.items():
@@ -350,3 +712,5 @@ class RunStorage:
             for cell_hash, action, score in population_changes:
                 connection.execute(POPULATION.insert().values(step=step, cell_hash=cell_hash, action=action,
                                                               score=score, at=now))
+
+        self._write(f"finish step {step}", body)

@@ -27,6 +27,7 @@ training loop serves all tasks that way.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Mapping
@@ -39,6 +40,8 @@ from cellsearch.hparams import HyperParameterSpace, HyperParams
 __all__ = ["Budget", "Profile", "RetrainPreset", "TaskFile", "Split", "Task", "PROFILES", "load_task_file", "encode_text", "data_config"]
 
 PROFILES = ("smoke", "small", "paper")
+#: A task's name labels database rows, Optuna studies and output folders.
+TASK_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,63}")
 METRICS = ("accuracy", "inverse_perplexity")
 
 
@@ -102,15 +105,19 @@ class RetrainPreset:
 class TaskFile:
     """The contents of ``tasks/NAME.yaml``."""
 
-    name: str = option(why="task name (the file's stem)")
+    name: str = option(why="task name (the file's stem); it labels database rows and output folders",
+                       check=lambda s: TASK_NAME.fullmatch(s) is not None,
+                       rule="1-64 letters, digits, '_', '-' or '.', not starting with '.'")
     kind: Literal["memorize", "arithmetic", "xml", "ptb"] = option(why="data generator or loader")
     description: str = option("", "one line for humans")
     data: dict[str, Any] = option(factory=dict, why="the kind's data parameters")
     metric: Literal["accuracy", "inverse_perplexity"] = option("accuracy", "held-out score, higher is better")
     pass_score: float | None = option(None, "score needed to pass (the memorisation filter's 0.95)")
-    batch_size: int = option(20, "sequences per batch (paper: 20)", check=lambda n: n >= 1, rule=">= 1")
-    unroll: int = option(35, "truncated-backpropagation length (paper: 35)", check=lambda n: n >= 1, rule=">= 1")
-    eval_batch_size: int = option(20, "sequences per held-out batch", check=lambda n: n >= 1, rule=">= 1")
+    batch_size: int = option(20, "sequences per batch (paper: 20)", check=lambda n: 1 <= n <= 10_000, rule="1..10000")
+    unroll: int = option(35, "truncated-backpropagation length (paper: 35)", check=lambda n: 1 <= n <= 10_000,
+                         rule="1..10000")
+    eval_batch_size: int = option(20, "sequences per held-out batch", check=lambda n: 1 <= n <= 10_000,
+                                  rule="1..10000")
     space: HyperParameterSpace = option(factory=HyperParameterSpace, why="hyperparameter lists (paper's by default)")
     defaults: HyperParams = option(factory=HyperParams, why="the setting used when none is given")
     profiles: dict[str, Profile] = option(factory=dict, why="smoke, small and paper budgets")
@@ -260,7 +267,10 @@ def load_task_file(path: str | Path) -> TaskFile:
         raise ConfigError(f"{path}: expected a mapping at the top level")
     raw = dict(raw)
     raw.setdefault("name", path.stem)
-    definition = from_mapping(TaskFile, raw)
+    try:
+        definition = from_mapping(TaskFile, raw)
+    except ConfigError as error:
+        raise ConfigError(f"{path}: {error}") from None
     missing = [p for p in PROFILES if p not in definition.profiles]
     if missing:
         raise ConfigError(f"{path}: profiles: missing {', '.join(missing)}")

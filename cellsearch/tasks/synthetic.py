@@ -21,6 +21,8 @@ from cellsearch.tasks.base import Split, encode_text
 __all__ = ["SPLITS", "split_seeds", "build_stream", "StreamSizes"]
 
 SPLITS = ("train", "valid", "test")
+MAX_TRAIN_TOKENS = 20_000_000
+MAX_EVAL_TOKENS = 1_000_000
 
 #: One example: (text, mask flags) where the flags string has '1' at scored targets.
 Example = tuple[str, str]
@@ -31,9 +33,13 @@ class StreamSizes:
     """Stream lengths and the data seed shared by every generated task."""
 
     seed: int = option(20150706, "data seed; each split uses its own child seed", check=lambda s: s >= 0, rule=">= 0")
-    train_tokens: int = option(500_000, "training stream length (it is cycled when a run needs more)", check=lambda n: n >= 100, rule=">= 100")
-    valid_tokens: int = option(40_000, "held-out stream for the score", check=lambda n: n >= 100, rule=">= 100")
-    test_tokens: int = option(40_000, "test stream", check=lambda n: n >= 100, rule=">= 100")
+    # The upper bounds (20 times the paper's streams) keep a task file from asking for hours of generation.
+    train_tokens: int = option(500_000, "training stream length (it is cycled when a run needs more)",
+                               check=lambda n: 100 <= n <= MAX_TRAIN_TOKENS, rule=f"100..{MAX_TRAIN_TOKENS:_}")
+    valid_tokens: int = option(40_000, "held-out stream for the score", check=lambda n: 100 <= n <= MAX_EVAL_TOKENS,
+                               rule=f"100..{MAX_EVAL_TOKENS:_}")
+    test_tokens: int = option(40_000, "test stream", check=lambda n: 100 <= n <= MAX_EVAL_TOKENS,
+                              rule=f"100..{MAX_EVAL_TOKENS:_}")
 
 
 def split_seeds(seed: int) -> dict[str, int]:
