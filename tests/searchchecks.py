@@ -7,9 +7,20 @@ counted twice.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
+import pytest
 import sqlalchemy as sa
+
+POSTGRES_URL = os.environ.get("CELLSEARCH_TEST_POSTGRES_URL")
+if not POSTGRES_URL and os.environ.get("CI"):
+    # CI starts the server in .ci/run; a missing URL there is a broken set-up, not a reason to skip.
+    raise RuntimeError("CI is set but CELLSEARCH_TEST_POSTGRES_URL is empty: .ci/postgres.sh failed")
+#: Marks a test that needs the PostgreSQL server of .ci/postgres.sh.
+needs_postgres = pytest.mark.skipif(
+    not POSTGRES_URL, reason="CELLSEARCH_TEST_POSTGRES_URL is not set (run `export CELLSEARCH_TEST_POSTGRES_URL="
+                             "\"$(bash .ci/postgres.sh)\"` to start a local PostgreSQL server)")
 
 #: A search whose units take a fraction of a second: two tasks, two seeds, a few steps (20-60 s on 2 cores).
 TINY_SEARCH = {
@@ -62,3 +73,86 @@ def assert_nothing_twice(rows: list[tuple]) -> None:
     settings = [(cell, task, params) for _, _, cell, task, _, params, *_ in rows]
     assert len(set(trials)) == len(trials), "an Optuna trial was counted twice"
     assert len(set(settings)) == len(settings), "a setting of a cell on a task was trained twice"
+
+
+def database_url(database: str | Path) -> str:
+    """The URL a driver would use: a run directory's SQLite file, or the given URL."""
+    from cellsearch.search.storage import normalize_url, sqlite_url
+
+    return sqlite_url(database / "run.db") if isinstance(database, Path) else normalize_url(database)
+
+
+def assert_search_consistent(database: str | Path, run_dir: Path, max_steps: int) -> list[tuple]:
+    """The search reached its end, and storage, Optuna, the population and the duplicate detector agree.
+
+    Returns the committed evaluations (for the callers' own before/after comparisons).
+    """
+    import optuna
+
+    from cellsearch.config import from_mapping, load_yaml
+    from cellsearch.dedup import Deduplicator
+    from cellsearch.results import load_run
+    from cellsearch.search.config import SearchConfig
+    from cellsearch.search.driver import SearchDriver
+    from cellsearch.search.executors import SerialExecutor
+    from cellsearch.search.run import task_loader
+    from cellsearch.search.storage import RunStorage
+
+    rows = committed(database)
+    assert_nothing_twice(rows)
+    results = load_run(run_dir)
+    try:
+        steps, units, cells = results.steps(), results.units(), results.cells()
+        changes = results.population_changes()
+        specs = {cell_hash: results.spec(cell_hash) for cell_hash in cells["hash"]}
+    finally:
+        results.close()
+    assert (steps["kind"] != "seed").sum() == max_steps
+    assert (steps["status"] == "done").all() and (units["status"] == "done").all()
+
+    # Every evaluation is a finished Optuna trial with the same score; no trial is left RUNNING.
+    url = database_url(database)
+    optuna_storage = optuna.storages.RDBStorage(url)
+    try:
+        scores = {}
+        for summary in optuna.get_all_study_summaries(optuna_storage):
+            study = optuna.load_study(study_name=summary.study_name, storage=optuna_storage)
+            for trial in study.get_trials(deepcopy=False):
+                assert trial.state.is_finished(), (summary.study_name, trial.number, trial.state)
+                if trial.state == optuna.trial.TrialState.COMPLETE:
+                    scores[(summary.study_name, trial.number)] = trial.value
+    finally:
+        optuna_storage.engine.dispose()
+    for _, _, cell, task, trial, _, _, score, status in rows:
+        if status != "error":
+            assert scores[(f"{cell}/{task}", trial)] == pytest.approx(score)
+
+    # The population: replaying the recorded enter/leave changes, the cells' status column and a driver
+    # rebuilt from storage (what a resume starts from) give the same set, within the configured size.
+    replayed: set[str] = set()
+    # In commit order: steps finish out of order (asynchronous evolution), so not by step number.
+    for change in changes.sort_values("at", kind="stable").itertuples():
+        (replayed.add if change.action == "enter" else replayed.discard)(change.cell_hash)
+    by_status = set(cells.loc[cells["status"] == "population", "hash"])
+    config = from_mapping(SearchConfig, load_yaml(run_dir / "config.yaml"))
+    storage = RunStorage(url)
+    try:
+        driver = SearchDriver(config, storage, SerialExecutor(task_loader(config)), task_loader(config))
+        driver._rebuild()
+        rebuilt = set(driver._population)
+    finally:
+        storage.close()
+    assert replayed == by_status == rebuilt
+    assert 0 < len(by_status) <= config.population_size
+
+    # The duplicate detector: replaying the proposals in order, a cell stored as a duplicate is one, and
+    # every other cell was new when it was proposed.
+    dedup = Deduplicator()
+    for cell in cells.sort_values(["step_created", "hash"]).itertuples():
+        check = dedup.check(specs[cell.hash])
+        if cell.rejected_by == "duplicate":
+            assert not check.is_new and cell.duplicate_of in specs, cell.hash
+        else:
+            assert check.is_new, (cell.hash, check)
+            dedup.add(specs[cell.hash])
+    return rows

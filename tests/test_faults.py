@@ -20,15 +20,13 @@ import threading
 import time
 from pathlib import Path
 
-import optuna
 import pandas as pd
 import pytest
 import sqlalchemy as sa
 import yaml
 
 from cellsearch.results import load_run
-from cellsearch.spec import CellSpec
-from searchchecks import TINY_SEARCH, assert_nothing_twice, committed, read_only_engine
+from searchchecks import TINY_SEARCH, assert_nothing_twice, assert_search_consistent, committed, read_only_engine
 
 pytestmark = pytest.mark.faults
 
@@ -61,82 +59,6 @@ def finish(args: list[str], address: str, timeout: float = 600) -> subprocess.Co
     assert completed.returncode == 0, completed.stderr[-4000:]
     assert "Traceback" not in completed.stderr, completed.stderr[-4000:]
     return completed
-
-
-def assert_consistent_end(run_dir: Path, max_steps: int) -> None:
-    """The search reached its end; storage, Optuna, the population and the duplicate detector agree."""
-    from cellsearch.dedup import Deduplicator
-    from cellsearch.search.config import SearchConfig
-    from cellsearch.config import from_mapping, load_yaml
-    from cellsearch.search.driver import SearchDriver
-    from cellsearch.search.executors import SerialExecutor
-    from cellsearch.search.run import task_loader
-    from cellsearch.search.storage import RunStorage
-
-    results = load_run(run_dir)
-    try:
-        steps, units, cells = results.steps(), results.units(), results.cells()
-        changes = results.population_changes()
-    finally:
-        results.close()
-    assert (steps["kind"] != "seed").sum() == max_steps
-    assert (steps["status"] == "done").all() and (units["status"] == "done").all()
-    rows = committed(run_dir)
-    assert_nothing_twice(rows)
-
-    # Every evaluation is a finished Optuna trial with the same score; no trial is left RUNNING.
-    storage_url = f"sqlite:///{run_dir / 'run.db'}"
-    optuna_storage = optuna.storages.RDBStorage(storage_url)
-    scores = {}
-    for summary in optuna.get_all_study_summaries(optuna_storage):
-        study = optuna.load_study(study_name=summary.study_name, storage=optuna_storage)
-        for trial in study.get_trials(deepcopy=False):
-            assert trial.state != optuna.trial.TrialState.RUNNING, (summary.study_name, trial.number)
-            if trial.state == optuna.trial.TrialState.COMPLETE:
-                scores[(summary.study_name, trial.number)] = trial.value
-    for _, _, cell, task, trial, _, _, score, status in rows:
-        if status != "error":
-            assert scores[(f"{cell}/{task}", trial)] == pytest.approx(score)
-
-    # The population: replaying the recorded enter/leave changes, the cells' status column and a driver
-    # rebuilt from storage (what a resume starts from) give the same set, within the configured size.
-    replayed: set[str] = set()
-    # In commit order: steps finish out of order (asynchronous evolution), so not by step number.
-    for change in changes.sort_values("at", kind="stable").itertuples():
-        (replayed.add if change.action == "enter" else replayed.discard)(change.cell_hash)
-    by_status = set(cells.loc[cells["status"] == "population", "hash"])
-    config = from_mapping(SearchConfig, load_yaml(run_dir / "config.yaml"))
-    storage = RunStorage(storage_url)
-    try:
-        driver = SearchDriver(config, storage, SerialExecutor(task_loader(config)), task_loader(config))
-        driver._rebuild()
-        rebuilt = set(driver._population)
-    finally:
-        storage.close()
-    assert replayed == by_status == rebuilt
-    assert 0 < len(by_status) <= config.population_size
-
-    # The duplicate detector: replaying the proposals in order, a cell stored as a duplicate is one, and
-    # every other cell was new when it was proposed.
-    dedup = Deduplicator()
-    for cell in cells.sort_values(["step_created", "hash"]).itertuples():
-        spec = CellSpec.from_dict(json.loads(results_spec_json(run_dir, cell.hash)))
-        check = dedup.check(spec)
-        if cell.rejected_by == "duplicate":
-            assert not check.is_new and cell.duplicate_of in set(cells["hash"]), cell.hash
-        else:
-            assert check.is_new, (cell.hash, check)
-            dedup.add(spec)
-
-
-def results_spec_json(run_dir: Path, cell_hash: str) -> str:
-    engine = read_only(run_dir)
-    try:
-        with engine.connect() as connection:
-            return connection.execute(sa.text("SELECT spec_json FROM cs_cells WHERE hash = :h"),
-                                      {"h": cell_hash}).scalar_one()
-    finally:
-        engine.dispose()
 
 
 def descendants(root: int) -> dict[int, str]:
@@ -196,7 +118,7 @@ def test_ray_workers_killed_at_ten_random_moments(tmp_path, ray_address):
     assert search.returncode == 0, stderr[-4000:]
     print(f"\nworker kills: {len(kills)}; evaluations {len(committed(run_dir))}")
     assert len(kills) == 10, f"only {len(kills)} kills landed before the search ended"
-    assert_consistent_end(run_dir, max_steps)
+    assert_search_consistent(run_dir, run_dir, max_steps)
 
 
 def test_worker_node_removed_mid_search(tmp_path):
@@ -244,7 +166,7 @@ def test_worker_node_removed_mid_search(tmp_path):
     finally:
         results.close()
     assert len(late) > 0 and set(late["node"]) == {head_node_id}
-    assert_consistent_end(run_dir, max_steps)
+    assert_search_consistent(run_dir, run_dir, max_steps)
 
 
 # --------------------------------------------------------------------------------------------- the driver
@@ -306,7 +228,7 @@ def test_driver_killed_at_random_moments_and_resumed(tmp_path, ray_address):
     print(f"\ndriver faults delivered: {[d[0] for d in delivered]}; evaluations at each: "
           f"{[d[1] for d in delivered]}; final {len(final)}")
     assert sum(fault == "SIGKILL" for fault, _, _ in delivered) == 10, delivered
-    assert_consistent_end(run_dir, max_steps)
+    assert_search_consistent(run_dir, run_dir, max_steps)
 
 
 # --------------------------------------------------------------------------------------------- retrain

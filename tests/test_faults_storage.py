@@ -22,7 +22,6 @@ import uuid
 from pathlib import Path
 
 import numpy as np
-import optuna
 import pytest
 import sqlalchemy as sa
 import yaml
@@ -32,20 +31,14 @@ from cellsearch.config import from_mapping
 from cellsearch.results import load_run
 from cellsearch.search.config import SearchConfig
 from cellsearch.search.run import create_run
-from searchchecks import TINY_SEARCH, assert_nothing_twice, committed, read_only_engine
+from searchchecks import POSTGRES_URL, TINY_SEARCH, assert_search_consistent, committed, needs_postgres, \
+    read_only_engine
 from cellsearch.search.storage import STORAGE_URL_ENV, RunStorage, StorageUnreachable, connect_url, normalize_url, \
     redact_url, sqlite_url
 
 pytestmark = pytest.mark.faults
 
 REPO = Path(__file__).resolve().parents[1]
-POSTGRES_URL = os.environ.get("CELLSEARCH_TEST_POSTGRES_URL")
-if not POSTGRES_URL and os.environ.get("CI"):
-    raise RuntimeError("CI is set but CELLSEARCH_TEST_POSTGRES_URL is empty: .ci/postgres.sh failed")
-needs_postgres = pytest.mark.skipif(
-    not POSTGRES_URL, reason="CELLSEARCH_TEST_POSTGRES_URL is not set (run `export CELLSEARCH_TEST_POSTGRES_URL="
-                             "\"$(bash .ci/postgres.sh)\"` to start a local PostgreSQL server)")
-
 #: The search of tests/test_search_resume.py: two tasks, seeds, a few steps (20 to 60 s on 2 cores).
 CONFIG = TINY_SEARCH
 #: The smallest search (one seed, one task, one setting, no filter task) for the credential checks.
@@ -97,28 +90,7 @@ def assert_complete_and_consistent(url: str, run_dir: Path, snapshots: list[list
     after = committed(url)
     for snapshot in snapshots:
         assert after[: len(snapshot)] == snapshot, "committed evaluations were lost or changed"
-    assert_nothing_twice(after)
-    results = load_run(run_dir)
-    try:
-        steps, units = results.steps(), results.units()
-    finally:
-        results.close()
-    assert (steps["kind"] != "seed").sum() == max_steps
-    assert (steps["status"] == "done").all() and (units["status"] == "done").all()
-    storage = optuna.storages.RDBStorage(normalize_url(url))
-    try:
-        scores = {}
-        for summary in optuna.get_all_study_summaries(storage):
-            study = optuna.load_study(study_name=summary.study_name, storage=storage)
-            for trial in study.get_trials(deepcopy=False):
-                assert trial.state.is_finished(), (summary.study_name, trial.number, trial.state)
-                if trial.state == optuna.trial.TrialState.COMPLETE:
-                    scores[(summary.study_name, trial.number)] = trial.value
-    finally:
-        storage.engine.dispose()
-    for _, _, cell, task, trial, _, _, score, status in after:
-        if status != "error":
-            assert scores[(f"{cell}/{task}", trial)] == pytest.approx(score)
+    assert_search_consistent(url, run_dir, max_steps)
 
 
 def assert_one_line_stop(stderr: str, *fragments: str) -> None:

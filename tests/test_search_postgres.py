@@ -18,18 +18,12 @@ import pytest
 import sqlalchemy as sa
 
 from cellsearch.results import load_run
+from searchchecks import POSTGRES_URL, needs_postgres
 from cellsearch.search.storage import normalize_url, redact_url
 
 REPO = Path(__file__).resolve().parents[1]
-URL = os.environ.get("CELLSEARCH_TEST_POSTGRES_URL")
-
-if not URL and os.environ.get("CI"):
-    # CI starts the server in .ci/run; a missing URL there is a broken set-up, not a reason to skip.
-    raise RuntimeError("CI is set but CELLSEARCH_TEST_POSTGRES_URL is empty: .ci/postgres.sh failed")
-
-pytestmark = pytest.mark.skipif(
-    not URL, reason="CELLSEARCH_TEST_POSTGRES_URL is not set (run `export CELLSEARCH_TEST_POSTGRES_URL=\"$(.ci/"
-                    "postgres.sh)\"` to start a local PostgreSQL server)")
+URL = POSTGRES_URL
+pytestmark = needs_postgres
 
 
 @pytest.fixture
