@@ -54,6 +54,7 @@ __all__ = [
     "train_settings",
     "group_by_shape",
     "batching_pays",
+    "trains_together",
     "shape_key",
     "configure_cpu_matmul",
 ]
@@ -180,6 +181,45 @@ class BatchedMembers:
         """Member ``index`` as a separate ``SequenceModel``."""
         return self.model.member(index)
 
+    # What a checkpoint (cellsearch.checkpoint.GroupCheckpoint) reads and writes per member: the same
+    # things a single run's checkpoint holds, so that a member's file resumes alone or in a group.
+    def member_state(self, index: int) -> dict[str, torch.Tensor]:
+        return self.model.member_state(index)
+
+    def load_member_states(self, states: Sequence[dict[str, torch.Tensor]]) -> None:
+        if len(states) != self.count:
+            raise ValueError(f"{self.count} members, {len(states)} states")
+        with torch.no_grad():
+            for name, parameter in self.model.named_parameters():
+                parameter.copy_(torch.stack([state[name] for state in states]))
+
+    def rng_state(self, index: int) -> dict[str, torch.Tensor | None]:
+        """The member's dropout generator, stored where a single run keeps the default generator of that device."""
+        state = self.model.generators[index].get_state()
+        if self.device.type == "cuda":
+            return {"torch": torch.get_rng_state(), "cuda": state}
+        return {"torch": state, "cuda": None}
+
+    def set_rng_states(self, states: Sequence[dict[str, torch.Tensor | None]]) -> None:
+        key = "cuda" if self.device.type == "cuda" else "torch"
+        for generator, state in zip(self.model.generators, states, strict=True):
+            if state.get(key) is not None:
+                generator.set_state(state[key])
+
+    def member_carried(self, carried: Any, index: int) -> Any:
+        """Member ``index``'s part of a carried state, in a single run's layout."""
+        if carried is None:
+            return None
+        if isinstance(carried, torch.Tensor):
+            return carried[index]
+        return tuple(part[index] for part in carried)
+
+    def join_carried(self, parts: Sequence[Any]) -> Any:
+        """The group's carried state from the members' parts (the inverse of :meth:`member_carried`)."""
+        if isinstance(parts[0], torch.Tensor):
+            return torch.stack(list(parts))
+        return tuple(torch.stack([part[state] for part in parts]) for state in range(len(parts[0])))
+
 
 def _generator_at_default_state(device: torch.device) -> torch.Generator:
     """A generator continuing the default generator of ``device`` (where dropout would draw alone)."""
@@ -215,12 +255,16 @@ def train_group(
     device: str | torch.device = "cpu",
     progress: Callable[[dict[str, Any]], None] | None = None,
     num_threads: int | None = 1,
+    checkpoints: Sequence[Any] | None = None,
 ) -> list:
     """Train ``members`` (same shape, see :func:`shape_key`) as one batched model; a TrainResult each, in order.
 
     ``progress`` gets the events of :func:`~cellsearch.training.train_and_evaluate` with a
-    ``member`` key (the member's position in ``members``). Raises ``ValueError`` when the members'
-    shapes differ.
+    ``member`` key (the member's position in ``members``). ``checkpoints``, when given, holds one
+    :class:`~cellsearch.checkpoint.Checkpointer` per member: each member's file is restored before
+    training (all from the same point, see :attr:`~cellsearch.checkpoint.Checkpoint.resume_point`)
+    and written after every epoch, as a single run's would be. Raises ``ValueError`` when the
+    members' shapes differ.
     """
     members = list(members)
     if not members:
@@ -228,7 +272,26 @@ def train_group(
     shapes = {shape_key(spec, task, m.hparams) for m in members}
     if len(shapes) > 1:
         raise ValueError(f"train_group: members differ in (layers, width, dropout): {sorted(shapes)}; use group_by_shape")
-    return run_members(spec, task, members, budget, device, progress, num_threads, BatchedMembers.build)
+    return run_members(spec, task, members, budget, device, progress, num_threads, BatchedMembers.build,
+                       checkpoint=_group_checkpoint(checkpoints))
+
+
+def _group_checkpoint(checkpoints: Sequence[Any] | None):
+    if checkpoints is None:
+        return None
+    from cellsearch.checkpoint import GroupCheckpoint
+
+    return GroupCheckpoint(checkpoints)
+
+
+def trains_together(spec: CellSpec, task: Task, hparams: HyperParams, device: str | torch.device,
+                    config: BatchingConfig) -> bool:
+    """Whether :func:`train_settings` trains several settings of this shape as one batched model."""
+    if not config.enabled:
+        return False
+    if torch.device(device).type != "cpu" or config.when == "always":
+        return True
+    return batching_pays(spec, task, hparams)
 
 
 def train_settings(
@@ -240,6 +303,7 @@ def train_settings(
     progress: Callable[[dict[str, Any]], None] | None = None,
     num_threads: int | None = 1,
     config: BatchingConfig | None = None,
+    checkpoints: Sequence[Any] | None = None,
 ) -> list:
     """Train every setting of ``members``; same-shape settings as batched groups when ``config.enabled``.
 
@@ -247,7 +311,9 @@ def train_settings(
     CPU (:func:`batching_pays`, unless ``config.when`` is ``always``), and every member when
     batching is off, go through :func:`~cellsearch.training.train_and_evaluate`. A group that runs out of memory
     is retried one member at a time. ``progress`` events carry a ``member`` key (position in
-    ``members``).
+    ``members``). ``checkpoints`` (one :class:`~cellsearch.checkpoint.Checkpointer` per member, or
+    None) checkpoint every run as :func:`train_group` does; members that are to train together
+    must resume from the same point.
     """
     config = config or BatchingConfig()
     members = list(members)
@@ -258,17 +324,19 @@ def train_settings(
     def solo(index: int) -> None:
         forward = None if progress is None else (lambda event: progress({**event, "member": index}))
         member = members[index]
-        results[index] = train_and_evaluate(spec, task, member.hparams, budget, member.seed, device, forward, num_threads)
+        results[index] = train_and_evaluate(spec, task, member.hparams, budget, member.seed, device, forward, num_threads,
+                                            checkpoint=None if checkpoints is None else checkpoints[index])
 
     groups = group_by_shape(spec, task, [m.hparams for m in members], config.max_members) if config.enabled else [[i] for i in range(len(members))]
-    cpu = torch.device(device).type == "cpu"
     for group in groups:
-        if len(group) == 1 or (cpu and config.when == "pays" and not batching_pays(spec, task, members[group[0]].hparams)):
+        if len(group) == 1 or not trains_together(spec, task, members[group[0]].hparams, device, config):
             for index in group:
                 solo(index)
             continue
         forward = None if progress is None else (lambda event, group=group: progress({**event, "member": group[event["member"]]}))
-        for index, result in zip(group, train_group(spec, task, [members[i] for i in group], budget, device, forward, num_threads)):
+        group_checkpoints = None if checkpoints is None else [checkpoints[i] for i in group]
+        for index, result in zip(group, train_group(spec, task, [members[i] for i in group], budget, device, forward,
+                                                    num_threads, group_checkpoints)):
             results[index] = result
         for index in group:
             if results[index].status == "oom":

@@ -13,15 +13,20 @@ executed. It holds
 - the optimizer's state dict (plain SGD keeps none beyond its settings; a
   momentum buffer would be saved) and the loop's state: position in the
   training stream, the carried hidden state, the learning-rate schedule, steps,
-  epochs, best score and metrics, the curve, and torch's random state;
+  epochs, best score and metrics, the curve, and the random state its dropout
+  draws from;
+- ``commit``: null, or the group save that wrote it (:class:`GroupCheckpoint`);
 - ``finished`` and, once training is over, the final ``result``
   (``TrainResult.to_dict()``).
 
-:class:`Checkpointer` is the hook :func:`cellsearch.training.train_and_evaluate`
-calls: :meth:`Checkpointer.restore` before training and :meth:`Checkpointer.save`
-after every completed epoch. Writes are atomic (a temporary file, then
-``os.replace``), so a process killed at any moment leaves the previous
-checkpoint intact.
+A run's :class:`Checkpointer` holds its file's identity and writes it;
+:class:`GroupCheckpoint` is the hook the training loop
+(:func:`cellsearch.training.run_members`) calls, for one run or for several seeds
+trained as one batched model: it restores before training and saves after every
+completed epoch, one file per member. Writes are atomic (a temporary file, then
+``os.replace``), and a group's files are committed together (see
+:class:`GroupCheckpoint`), so a process killed at any moment leaves the previous
+checkpoints intact and consistent.
 
 :func:`load_model` rebuilds the trained :class:`~cellsearch.training.SequenceModel`
 on any device; :func:`load_checkpoint` returns the validated contents.
@@ -42,14 +47,14 @@ import pickle
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 
 from cellsearch.errors import UserError, shown
 from cellsearch.spec import CellSpec, CellSpecError
 
-__all__ = ["CheckpointError", "Checkpoint", "Resumed", "Checkpointer", "load_checkpoint", "load_model",
+__all__ = ["CheckpointError", "Checkpoint", "Resumed", "Checkpointer", "GroupCheckpoint", "load_checkpoint", "load_model",
            "FORMAT", "VERSION"]
 
 FORMAT = "cellsearch-checkpoint"
@@ -86,6 +91,15 @@ class Checkpoint:
     loop: dict[str, Any]
     rng: dict[str, Any]
     result: dict[str, Any] | None
+    commit: dict[str, Any] | None = None  # the group save that wrote it (see GroupCheckpoint)
+
+    @property
+    def resume_point(self) -> tuple[int, int, int, bool]:
+        """Where training goes on from: (epoch, steps, row in the training stream, finished).
+
+        Members of one group resume together only from the same point.
+        """
+        return (self.epoch, int(self.loop["run_state"]["steps"]), int(self.loop["row"]), self.finished)
 
     @property
     def curve(self) -> list[dict[str, float]]:
@@ -249,6 +263,18 @@ def _check_weights(state: Mapping[str, torch.Tensor], expected: Mapping[str, tor
                               f"{problem}")
 
 
+def _commit(value: Any, path: Path) -> dict[str, Any] | None:
+    """The optional ``commit`` field: null, or the token and the other members' files of a group save."""
+    if value is None:
+        return None
+    fits = (isinstance(value, dict) and isinstance(value.get("token"), str) and isinstance(value.get("members"), list)
+            and all(isinstance(member, str) for member in value["members"]))
+    if not fits:
+        raise CheckpointError(f"{path}: commit must be null or a token with a list of member files, got "
+                              f"{shown(value, 60)}")
+    return {"token": value["token"], "members": list(value["members"])}
+
+
 def load_checkpoint(path: str | os.PathLike, expected: CellSpec | None = None) -> Checkpoint:
     """Read and validate a checkpoint; with ``expected``, also require that it holds that cell.
 
@@ -276,7 +302,7 @@ def load_checkpoint(path: str | os.PathLike, expected: CellSpec | None = None) -
         config=dict(data["config"]), epoch=int(data["epoch"]), finished=bool(data["finished"]),
         model_state=data["model"], best_model_state=data["best_model"], optimizer_state=data["optimizer"],
         loop=dict(data["loop"]),
-        rng=dict(data["rng"]), result=data["result"],
+        rng=dict(data["rng"]), result=data["result"], commit=_commit(data.get("commit"), path),
     )
 
 
@@ -401,44 +427,19 @@ class Checkpointer:
         self._check_identity(loaded)
         return loaded
 
-    # The two methods below are the hook called by the training loop.
-    def restore(self, model: torch.nn.Module, schedule: Any, run_state: Any,
-                optimizer: torch.optim.Optimizer | None = None) -> Resumed | None:
-        """Load the saved state into the loop's objects (inside its forked RNG); None when starting afresh."""
-        loaded = self.existing()
-        if loaded is None:
-            return None
-        device = next(model.parameters()).device
-        expected = model.state_dict()
+    @property
+    def pending_path(self) -> Path:
+        """Where a group save writes this member's next checkpoint before the group commits it."""
+        return self.path.with_name(f"{self.path.name}.pending")
+
+    def check_loaded(self, loaded: Checkpoint, expected: Mapping[str, torch.Tensor], dtype: torch.dtype) -> None:
+        """``loaded`` fits the model being trained: weight names, shapes, dtypes, the carried state, the RNG."""
         _check_weights(loaded.model_state, expected, self.path, "last", self.spec, loaded.hidden_size)
         if loaded.best_model_state is not None:
             _check_weights(loaded.best_model_state, expected, self.path, "best", self.spec, loaded.hidden_size)
-        self._check_carried(loaded, next(model.parameters()).dtype)
+        self._check_carried(loaded, dtype)
         if torch.get_rng_state().shape != loaded.rng["torch"].shape:
             raise CheckpointError(f"{self.path}: rng.torch is not a torch random state")
-        model.load_state_dict(loaded.model_state)
-        if optimizer is not None and loaded.optimizer_state is not None:
-            try:
-                optimizer.load_state_dict(loaded.optimizer_state)
-            except (ValueError, KeyError, TypeError, RuntimeError) as error:
-                raise CheckpointError(f"{self.path}: the optimizer state does not fit this run: "
-                                      f"{shown(str(error), 120)}") from None
-        for name in _SCHEDULE_FIELDS:
-            setattr(schedule, name, loaded.loop["schedule"][name])
-        for name in _RUN_STATE_FIELDS:
-            value = loaded.loop["run_state"][name]
-            setattr(run_state, name, [dict(point) for point in value] if name == "curve" else
-                    dict(value) if name == "best_metrics" else value)
-        torch.set_rng_state(loaded.rng["torch"])
-        if device.type == "cuda" and loaded.rng.get("cuda") is not None:
-            torch.cuda.set_rng_state(loaded.rng["cuda"], device)
-        best = loaded.best_model_state
-        return Resumed(
-            row=int(loaded.loop["row"]),
-            carried=_carried_to(loaded.loop["carried"], device),
-            best_model=None if best is None else {name: tensor.to(device) for name, tensor in best.items()},
-            finished=loaded.finished,
-        )
 
     def _check_carried(self, loaded: Checkpoint, dtype: torch.dtype) -> None:
         """The hidden state carried across windows: one (layers, batch, width) tensor per state of the cell."""
@@ -455,18 +456,17 @@ class Checkpointer:
             raise CheckpointError(f"{self.path}: loop.carried ({shapes}) is not {count} state(s) of shape "
                                   f"({loaded.num_layers}, batch, {loaded.hidden_size}) in {dtype}")
 
-    def save(self, model: torch.nn.Module, schedule: Any, run_state: Any, *, row: int, carried: Any,
-             best_model: Mapping[str, torch.Tensor] | None, finished: bool,
-             optimizer: torch.optim.Optimizer | None = None) -> None:
-        """Write the loop's state after a completed epoch (atomically)."""
-        device = next(model.parameters()).device
-        data = {
+    def payload(self, model_state: Mapping[str, torch.Tensor], schedule: Any, run_state: Any, *, row: int,
+                carried: Any, best_model: Mapping[str, torch.Tensor] | None, finished: bool,
+                rng: Mapping[str, torch.Tensor | None], commit: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """The file's contents for the loop's state after a completed epoch (weights by ``SequenceModel`` name)."""
+        return {
             **self.header,
             "epoch": int(run_state.epochs),
             "finished": bool(finished),
-            "model": _state_to_cpu(model.state_dict()),
+            "model": _state_to_cpu(model_state),
             "best_model": _state_to_cpu(best_model),
-            "optimizer": None if optimizer is None else _optimizer_state_to_cpu(optimizer.state_dict()),
+            "optimizer": None,  # plain SGD keeps no state; the field is where a momentum buffer would go
             "loop": {
                 "row": int(row),
                 "carried": _carried_to_cpu(carried),
@@ -477,11 +477,25 @@ class Checkpointer:
                     "curve": [dict(point) for point in run_state.curve],
                 },
             },
-            "rng": {"torch": torch.get_rng_state(),
-                    "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None},
+            "rng": {"torch": rng["torch"].to("cpu", copy=True),
+                    "cuda": None if rng.get("cuda") is None else rng["cuda"].to("cpu", copy=True)},
             "result": None,
+            "commit": None if commit is None else dict(commit),
         }
+
+    def save(self, data: dict[str, Any]) -> None:
+        """Write :meth:`payload` output as this run's checkpoint (atomically)."""
         atomic_save(data, self.path)
+        self._last = data
+        self.saves += 1
+
+    def save_pending(self, data: dict[str, Any]) -> None:
+        """Write :meth:`payload` output beside the checkpoint, for :class:`GroupCheckpoint` to commit."""
+        atomic_save(data, self.pending_path)
+
+    def promote(self, data: dict[str, Any]) -> None:
+        """Make the pending file (holding ``data``) the checkpoint."""
+        os.replace(self.pending_path, self.path)
         self._last = data
         self.saves += 1
 
@@ -495,3 +509,126 @@ class Checkpointer:
                 return
             data = torch.load(self.path, map_location="cpu", weights_only=True)
         atomic_save({**data, "finished": True, "result": dict(result)}, self.path)
+
+
+# ------------------------------------------------------------------------------ groups
+class GroupCheckpoint:
+    """The checkpoint hook of the training loop (:func:`cellsearch.training.run_members`): one file per member.
+
+    Every member of a run (one setting alone, or several seeds trained as one batched model) has
+    its own :class:`Checkpointer` and its own file, in the format of a single run: a member's
+    checkpoint loads with :func:`load_model` and resumes alone or in a group alike.
+
+    A group writes its members' files as one commit: each member's new file goes beside the old one
+    (``checkpoint.pt.pending``), and only when all are written does each replace its checkpoint.
+    :meth:`settle` (called before resuming) finishes a commit that a kill interrupted while replacing
+    (every member of it has its new file) and discards one interrupted while writing, so the members
+    of a group resume from the same epoch and an interrupted group ends as an uninterrupted one.
+
+    The members object of the loop supplies, per member: ``member_state(i)`` (weights by
+    ``SequenceModel`` name), ``load_member_states``, ``rng_state(i)`` / ``set_rng_states`` (the
+    generator its dropout draws from) and ``member_carried`` / ``join_carried`` (its slice of the
+    state carried across windows).
+    """
+
+    def __init__(self, checkpointers: Sequence[Checkpointer]):
+        self.checkpointers = list(checkpointers)
+        if not self.checkpointers:
+            raise ValueError("a group checkpoint needs at least one member")
+
+    @staticmethod
+    def settle(checkpointers: Sequence[Checkpointer]) -> None:
+        """Finish or discard a group save that a kill interrupted (see the class doc)."""
+        for checkpointer in checkpointers:
+            pending = checkpointer.pending_path
+            if not pending.exists():
+                continue
+            try:
+                commit = load_checkpoint(pending, expected=checkpointer.spec).commit
+            except CheckpointError:
+                commit = None  # unreadable: the previous checkpoint stands
+            complete = commit is not None and all(
+                _token(pending.parent / member, commit["token"]) for member in commit["members"])
+            if complete:
+                os.replace(pending, checkpointer.path)
+            else:
+                pending.unlink()
+
+    def restore(self, trained: Any, members: Sequence[Any]) -> Resumed | None:
+        """Load the members' saved states into the loop's objects (inside its forked RNG); None when starting afresh.
+
+        ``members`` are the loop's per-member records (``schedule``, ``run``, ``best_state``), in the
+        order of the checkpointers. All members must resume from the same point (or all start afresh).
+        """
+        self.settle(self.checkpointers)
+        loaded = [checkpointer.existing() for checkpointer in self.checkpointers]
+        if all(item is None for item in loaded):
+            return None
+        points = {None if item is None else item.resume_point for item in loaded}
+        if len(points) > 1:
+            raise ValueError(f"members of one group resume from different points {sorted(map(str, points))}: "
+                             f"group them by Checkpoint.resume_point")
+        device = trained.device
+        for index, (checkpointer, item) in enumerate(zip(self.checkpointers, loaded)):
+            state = trained.member_state(index)
+            checkpointer.check_loaded(item, state, next(iter(state.values())).dtype)
+        trained.load_member_states([item.model_state for item in loaded])
+        trained.set_rng_states([{key: item.rng.get(key) for key in ("torch", "cuda")} for item in loaded])
+        for member, item in zip(members, loaded):
+            for name in _SCHEDULE_FIELDS:
+                setattr(member.schedule, name, item.loop["schedule"][name])
+            for name in _RUN_STATE_FIELDS:
+                value = item.loop["run_state"][name]
+                setattr(member.run, name, [dict(point) for point in value] if name == "curve" else
+                        dict(value) if name == "best_metrics" else value)
+            best = item.best_model_state
+            member.best_state = None if best is None else {name: tensor.to(device) for name, tensor in best.items()}
+        first = loaded[0]
+        carried = None if first.loop["carried"] is None else trained.join_carried(
+            [_carried_to(item.loop["carried"], device) for item in loaded])
+        return Resumed(row=int(first.loop["row"]), carried=carried, best_model=None, finished=first.finished)
+
+    def save(self, trained: Any, saved: Sequence[tuple[int, Any, bool]], *, row: int, carried: Any) -> None:
+        """Write the checkpoints of ``saved`` = (position in ``trained``, loop record, finished) after an epoch.
+
+        The loop record's ``position`` is the member's index among the checkpointers.
+        """
+        if not saved:
+            return
+        writes = [(self.checkpointers[member.position], index, member, finished) for index, member, finished in saved]
+        if len(writes) == 1:
+            checkpointer, index, member, finished = writes[0]
+            checkpointer.save(self._payload(trained, checkpointer, index, member, finished, row, carried, None))
+            return
+        # one token per group save: the members share epoch and step counts
+        token = f"epoch-{saved[0][1].run.epochs}-step-{saved[0][1].run.steps}"
+        files = [checkpointer.path for checkpointer, *_ in writes]
+        written = []
+        for checkpointer, index, member, finished in writes:
+            commit = {"token": token, "members": [os.path.relpath(path, checkpointer.path.parent) for path in files]}
+            data = self._payload(trained, checkpointer, index, member, finished, row, carried, commit)
+            checkpointer.save_pending(data)
+            written.append(data)
+        for (checkpointer, *_), data in zip(writes, written):
+            checkpointer.promote(data)
+
+    @staticmethod
+    def _payload(trained: Any, checkpointer: Checkpointer, index: int, member: Any, finished: bool, row: int,
+                 carried: Any, commit: Mapping[str, Any] | None) -> dict[str, Any]:
+        return checkpointer.payload(
+            trained.member_state(index), member.schedule, member.run, row=row,
+            carried=trained.member_carried(carried, index), best_model=member.best_state, finished=finished,
+            rng=trained.rng_state(index), commit=commit)
+
+
+def _token(path: Path, token: str) -> bool:
+    """Whether the member file at ``path`` (its pending file, or else the checkpoint) was written by save ``token``."""
+    for candidate in (path.with_name(f"{path.name}.pending"), path):
+        if candidate.exists():
+            try:
+                commit = load_checkpoint(candidate).commit
+            except CheckpointError:
+                continue
+            if commit is not None and commit["token"] == token:
+                return True
+    return False

@@ -3,14 +3,16 @@
 :func:`retrain` trains each cell (and each baseline, ``gru`` and ``lstm_b`` by
 default) once per seed with a task's *retrain preset* (one hyperparameter
 setting and one budget, from the ``retrain_presets`` block of ``tasks/TASK.yaml``), through the
-one training loop (:func:`cellsearch.training.train_and_evaluate`). Every cell
-gets the preset's parameter budget and its own width solved from it, and every
-cell meets the same seeds.
+one training loop (:func:`cellsearch.batched_training.train_settings`): a cell's seeds train
+as one batched model where that pays (always on a GPU; on a CPU when the cells outweigh the
+softmax layer), with results equal to separate runs up to rounding. Every cell gets the
+preset's parameter budget and its own width solved from it, and every cell meets the same seeds.
 
 Each (cell, seed) run writes a checkpoint every epoch
-(:mod:`cellsearch.checkpoint`); running the same retrain again into the same
-output directory skips finished runs and resumes unfinished ones from their
-last checkpoint, ending with the same result as an uninterrupted run (CPU).
+(:mod:`cellsearch.checkpoint`; seeds trained together commit their files together); running
+the same retrain again into the same output directory skips finished runs and resumes
+unfinished ones from their last checkpoint, ending with the same result as an uninterrupted
+run (CPU).
 Runs go to Ray (one run per task slot) through the search's executors
 (:mod:`cellsearch.search.executors`), or run in this process.
 
@@ -42,6 +44,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
+from cellsearch.batching import BatchingConfig
 from cellsearch.config import to_mapping
 from cellsearch.errors import UserError, shown
 from cellsearch.hparams import HyperParams
@@ -49,7 +52,7 @@ from cellsearch.spec import CellSpec
 from cellsearch.tasks.base import Budget, RetrainPreset
 
 __all__ = [
-    "RetrainPreset", "RetrainCell", "RetrainJob", "RetrainResults", "load_presets", "get_preset", "preset_names",
+    "RetrainPreset", "RetrainCell", "RetrainRun", "RetrainJob", "RetrainResults", "load_presets", "get_preset", "preset_names",
     "resolve_source", "baseline_cells", "make_seeds", "plan_jobs", "run_job", "retrain", "load_retrain",
     "write_outputs", "markdown_table", "DEFAULT_BASELINES",
 ]
@@ -214,25 +217,12 @@ def make_seeds(count: int, base_seed: int = 0) -> list[int]:
 
 # -------------------------------------------------------------------------------- jobs
 @dataclass(frozen=True)
-class RetrainJob:
-    """One (cell, seed) run; plain data, so it ships to a Ray worker as is.
+class RetrainRun:
+    """One (cell, seed) run of a job: the seed, its index among the plan's seeds, and its directory."""
 
-    ``unit_id``, ``task`` and ``num_threads`` make it acceptable to the search's executors.
-    """
-
-    unit_id: int
-    task: str
-    label: str
-    role: str
-    cell: Mapping[str, Any]
     seed_index: int
     seed: int
-    hparams: Mapping[str, Any]
-    budget: Mapping[str, Any]
-    config: Mapping[str, Any]
     run_dir: str
-    device: str = "cpu"
-    num_threads: int = 1
 
     @property
     def checkpoint_path(self) -> Path:
@@ -243,59 +233,123 @@ class RetrainJob:
         return Path(self.run_dir) / "result.json"
 
 
+@dataclass(frozen=True)
+class RetrainJob:
+    """The runs of one cell trained together (several seeds as one batched model, or one run); plain data.
+
+    ``unit_id``, ``task`` and ``num_threads`` make it acceptable to the search's executors.
+    ``batching`` holds :class:`~cellsearch.batching.BatchingConfig` keys.
+    """
+
+    unit_id: int
+    task: str
+    label: str
+    role: str
+    cell: Mapping[str, Any]
+    runs: tuple[RetrainRun, ...]
+    hparams: Mapping[str, Any]
+    budget: Mapping[str, Any]
+    config: Mapping[str, Any]
+    device: str = "cpu"
+    num_threads: int = 1
+    batching: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def finished(self) -> bool:
+        return all(run.result_path.is_file() for run in self.runs)
+
+
 def _plain(data: Any) -> Any:
     """JSON-shaped data (tuples become lists), so that stored and fresh configs compare equal."""
     return json.loads(json.dumps(data))
 
 
 def plan_jobs(cells: Sequence[RetrainCell], task_name: str, preset_name: str, preset: RetrainPreset,
-              seeds: Sequence[int], out_dir: Path, device: str = "cpu", num_threads: int = 1) -> list[RetrainJob]:
-    """One job per cell and seed (cells outer, seeds inner)."""
+              seeds: Sequence[int], out_dir: Path, device: str = "cpu", num_threads: int = 1, task=None,
+              batching: BatchingConfig | None = None) -> list[RetrainJob]:
+    """The jobs of a retrain, cells in order: a cell's seeds form one job where they train as one batched model.
+
+    They do (:func:`~cellsearch.batched_training.trains_together`) when batching is on and, on a
+    CPU, when it pays for the preset's shape on ``task`` (without ``task``, never); otherwise each
+    seed is a job of its own, so that seeds run in parallel on separate workers. A job holds at
+    most ``batching.max_members`` seeds.
+    """
+    from cellsearch.batched_training import trains_together
+
+    batching = batching or BatchingConfig()
     config = _plain({"task": task_name, "preset": preset_name})
-    jobs = []
+    jobs: list[RetrainJob] = []
     for cell in cells:
-        for index, seed in enumerate(seeds):
+        runs = [RetrainRun(index, int(seed), str(out_dir / "runs" / cell.label / f"seed-{index}"))
+                for index, seed in enumerate(seeds)]
+        together = len(runs) > 1 and task is not None and trains_together(cell.spec, task, preset.hparams, device,
+                                                                           batching)
+        size = batching.max_members if together else 1
+        for first in range(0, len(runs), size):
             jobs.append(RetrainJob(
                 unit_id=len(jobs), task=task_name, label=cell.label, role=cell.role, cell=cell.spec.to_dict(),
-                seed_index=index, seed=int(seed), hparams=_plain(preset.hparams.to_dict()),
-                budget=_plain(preset.budget.to_dict()), config=config,
-                run_dir=str(out_dir / "runs" / cell.label / f"seed-{index}"), device=device, num_threads=num_threads,
+                runs=tuple(runs[first:first + size]), hparams=_plain(preset.hparams.to_dict()),
+                budget=_plain(preset.budget.to_dict()), config=config, device=device, num_threads=num_threads,
+                batching=batching.to_dict(),
             ))
     return jobs
 
 
 def run_job(job: RetrainJob, task, progress: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
-    """Train one job on ``task`` (resuming from its checkpoint) and write its ``result.json``; one result dict.
+    """Train a job's runs on ``task`` (resuming from their checkpoints), write each ``result.json``; a record each.
 
-    A job whose ``result.json`` exists is not trained again.
+    A run whose ``result.json`` exists is not trained again. The others train together (see
+    :func:`~cellsearch.batched_training.train_settings`) in groups of runs whose checkpoints resume
+    from the same point; normally that is all of them, and a group interrupted between its members'
+    writes is put back in step first (:meth:`~cellsearch.checkpoint.GroupCheckpoint.settle`).
     """
-    from cellsearch.checkpoint import Checkpointer
-    from cellsearch.training import solve_hidden_size, train_and_evaluate
+    from cellsearch.batched_training import train_settings
+    from cellsearch.checkpoint import Checkpointer, GroupCheckpoint
+    from cellsearch.training import GroupMember, solve_hidden_size
 
-    if job.result_path.is_file():
-        return [_read_record(job.result_path)]
     spec = CellSpec.from_dict(dict(job.cell))
     hparams = HyperParams.from_dict(job.hparams)
     budget = Budget.from_dict(job.budget)
+    batching = BatchingConfig.from_dict(dict(job.batching))
     hidden_size = solve_hidden_size(spec, task.vocab_size, hparams.num_layers, hparams.parameter_budget)
-    checkpointer = Checkpointer(job.checkpoint_path, spec, task=task.name, vocab_size=task.vocab_size,
-                                hidden_size=hidden_size, hparams=job.hparams, budget=job.budget, seed=job.seed,
-                                config=job.config)
-    resumed_from = checkpointer.existing()
-    hook = None if progress is None else (lambda event: progress({**event, "label": job.label, "seed": job.seed}))
-    result = train_and_evaluate(spec, task, hparams, budget, job.seed, device=job.device, progress=hook,
-                                num_threads=job.num_threads, checkpoint=checkpointer)
-    record = {
-        "label": job.label, "role": job.role, "cell_hash": spec.hash, "seed_index": job.seed_index,
-        "resumed_from_epoch": None if resumed_from is None else resumed_from.epoch,
-        **result.to_dict(),
-    }
-    checkpointer.finish(result.to_dict())
-    job.result_path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = job.result_path.with_suffix(".json.tmp")
-    temporary.write_text(json.dumps(record, indent=2, default=_json_number), encoding="utf-8")
-    os.replace(temporary, job.result_path)
-    return [record]
+    records: dict[int, dict[str, Any]] = {}
+    pending: list[tuple[RetrainRun, Checkpointer]] = []
+    for run in job.runs:
+        if run.result_path.is_file():
+            records[run.seed_index] = _read_record(run.result_path)
+        else:
+            pending.append((run, Checkpointer(run.checkpoint_path, spec, task=task.name, vocab_size=task.vocab_size,
+                                              hidden_size=hidden_size, hparams=job.hparams, budget=job.budget,
+                                              seed=run.seed, config=job.config)))
+    GroupCheckpoint.settle([checkpointer for _, checkpointer in pending])
+    resumed = [checkpointer.existing() for _, checkpointer in pending]
+    clusters: dict[Any, list[int]] = {}
+    for position, loaded in enumerate(resumed):
+        clusters.setdefault(None if loaded is None else loaded.resume_point, []).append(position)
+    for positions in clusters.values():
+        runs = [pending[position] for position in positions]
+
+        def hook(event: dict[str, Any], runs=runs) -> None:
+            run = runs[event["member"]][0]
+            progress({**event, "label": job.label, "seed": run.seed, "seed_index": run.seed_index})
+
+        results = train_settings(spec, task, [GroupMember(hparams, run.seed) for run, _ in runs], budget, job.device,
+                                 None if progress is None else hook, job.num_threads, batching,
+                                 checkpoints=[checkpointer for _, checkpointer in runs])
+        for position, (run, checkpointer), result in zip(positions, runs, results):
+            loaded = resumed[position]
+            record = {
+                "label": job.label, "role": job.role, "cell_hash": spec.hash, "seed_index": run.seed_index,
+                "resumed_from_epoch": None if loaded is None else loaded.epoch,
+                **result.to_dict(),
+            }
+            checkpointer.finish(result.to_dict())
+            run.result_path.parent.mkdir(parents=True, exist_ok=True)
+            temporary = run.result_path.with_suffix(".json.tmp")
+            temporary.write_text(json.dumps(record, indent=2, default=_json_number), encoding="utf-8")
+            os.replace(temporary, run.result_path)
+            records[run.seed_index] = record
+    return [records[run.seed_index] for run in job.runs]
 
 
 def _json_number(value: Any) -> Any:
@@ -389,6 +443,7 @@ def retrain(
     num_cpus: float = 1.0,
     num_gpus: float = 0.0,
     device: str = "cpu",
+    batching: BatchingConfig | None = None,
     progress: Callable[[dict[str, Any]], None] | None = None,
     on_done: Callable[[dict[str, Any], int, int], None] | None = None,
 ) -> "RetrainResults":
@@ -400,7 +455,9 @@ def retrain(
     the training loop, with ``label`` and ``seed`` added); otherwise each job is
     a Ray task asking for ``num_cpus`` CPUs and ``num_gpus`` GPUs, on an embedded
     Ray instance with ``workers`` CPUs or on the cluster at ``address``.
-    ``on_done(record, done, total)`` is called as each job finishes.
+    A cell's seeds train as one batched model where ``batching`` (default: on where it pays, see
+    :func:`plan_jobs`) says so; results equal separate runs up to rounding.
+    ``on_done(record, done, total)`` is called as each run finishes.
     """
     from cellsearch.search.config import ResourcesConfig
     from cellsearch.search.executors import RayExecutor, SerialExecutor
@@ -412,9 +469,10 @@ def retrain(
     all_cells = _unique_labels([*cells, *baseline_cells(baselines, cells)])
     seed_values = make_seeds(seeds, base_seed)
     threads = max(1, int(num_cpus))
-    jobs = plan_jobs(all_cells, task_name, preset_name, preset, seed_values, out_dir, device=device,
-                     num_threads=threads)
     task = get_task(task_name, data_dir=data_dir)
+    jobs = plan_jobs(all_cells, task_name, preset_name, preset, seed_values, out_dir, device=device,
+                     num_threads=threads, task=task, batching=batching)
+    total = sum(len(job.runs) for job in jobs)
     plan = _plain({
         "task": task.name, "preset": preset_name, "preset_settings": to_mapping(preset), "seeds": seed_values,
         "base_seed": base_seed, "cells": [cell.to_dict() for cell in all_cells],
@@ -426,12 +484,14 @@ def retrain(
 
     records: list[dict[str, Any]] = []
     failures: list[str] = []
-    pending = [job for job in jobs if not job.result_path.is_file()]
+    pending = [job for job in jobs if not job.finished]
     for job in jobs:
-        if job.result_path.is_file():
-            records.append(_read_record(job.result_path))
-            if on_done is not None:
-                on_done(records[-1], len(records), len(jobs))
+        for run in job.runs:
+            if run.result_path.is_file():
+                records.append(_read_record(run.result_path))
+                if on_done is not None:
+                    on_done(records[-1], len(records), total)
+    seen = {(record["label"], record["seed_index"]) for record in records}
     by_id = {job.unit_id: job for job in pending}
     if pending:
         if in_process:
@@ -449,14 +509,21 @@ def retrain(
                     job = by_id[completion.unit_id]
                     if completion.error is not None:
                         reason = completion.error.strip().splitlines()[-1]
-                        if "CheckpointError" in reason:
+                        named = [run for run in job.runs if str(run.checkpoint_path) in reason]
+                        if "CheckpointError" in reason and named:
                             # Rerunning would meet the same file: say how to start that run over instead.
-                            reason += f" (delete {job.checkpoint_path} to start this run over)"
-                        failures.append(f"{job.label} seed {job.seed_index}: {reason}")
+                            reason += f" (delete {named[0].checkpoint_path} to start this run over)"
+                        seeds = ", ".join(str(run.seed_index) for run in job.runs)
+                        failures.append(f"{job.label} seed{'s' if len(job.runs) > 1 else ''} {seeds}: {reason}")
                         continue
-                    records.extend(completion.results)
-                    if on_done is not None:
-                        on_done(completion.results[0], len(records), len(jobs))
+                    for record in completion.results:
+                        # a job also returns its runs that had finished before this retrain started
+                        if (record["label"], record["seed_index"]) in seen:
+                            continue
+                        seen.add((record["label"], record["seed_index"]))
+                        records.append(record)
+                        if on_done is not None:
+                            on_done(record, len(records), total)
         finally:
             executor.close()
     results = write_outputs(out_dir)

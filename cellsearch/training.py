@@ -332,6 +332,10 @@ def train_and_evaluate(
       (``kind='step'``: step, total_steps, epoch, loss, learning_rate) and every
       evaluation (``kind='epoch'``: also score, valid_loss, valid_accuracy).
     """
+    if checkpoint is not None:
+        from cellsearch.checkpoint import GroupCheckpoint
+
+        checkpoint = GroupCheckpoint([checkpoint])
     return run_members(spec, task, [GroupMember(hparams, seed)], budget, device, progress, num_threads, SingleMember.build,
                        checkpoint=checkpoint)[0]
 
@@ -413,6 +417,36 @@ class SingleMember:
     def snapshot(self, index: int) -> dict[str, torch.Tensor]:
         return copy.deepcopy(self.model.state_dict())
 
+    # What a checkpoint (cellsearch.checkpoint.GroupCheckpoint) reads and writes per member.
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def member_state(self, index: int) -> dict[str, torch.Tensor]:
+        return self.model.state_dict()
+
+    def load_member_states(self, states: Sequence[dict[str, torch.Tensor]]) -> None:
+        (state,) = states
+        self.model.load_state_dict(state)
+
+    def rng_state(self, index: int) -> dict[str, torch.Tensor | None]:
+        """Where dropout draws from alone: the default generators (CPU, and the model's CUDA device)."""
+        device = self.device
+        return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+
+    def set_rng_states(self, states: Sequence[dict[str, torch.Tensor | None]]) -> None:
+        (state,) = states
+        torch.set_rng_state(state["torch"])
+        if self.device.type == "cuda" and state.get("cuda") is not None:
+            torch.cuda.set_rng_state(state["cuda"], self.device)
+
+    def member_carried(self, carried: Any, index: int) -> Any:
+        return carried
+
+    def join_carried(self, parts: Sequence[Any]) -> Any:
+        (carried,) = parts
+        return carried
+
     def restored(self, snapshots: Sequence[dict[str, torch.Tensor]]) -> "SingleMember":
         (snapshot,) = snapshots
         self.model.load_state_dict(snapshot)
@@ -465,8 +499,8 @@ def run_members(spec, task, members, budget, device, progress, num_threads, buil
     """
     start = time.perf_counter()
     device = torch.device(device)
-    if checkpoint is not None and len(members) != 1:
-        raise ValueError("checkpoints are for single runs (one member)")
+    if checkpoint is not None and len(checkpoint.checkpointers) != len(members):
+        raise ValueError(f"{len(members)} members but {len(checkpoint.checkpointers)} checkpointers")
     group = [
         _Member(index, m.hparams, m.seed, PlateauHalving(m.hparams.learning_rate, budget.patience, budget.decay_epochs, budget.decay_factor))
         for index, m in enumerate(members)
@@ -524,7 +558,7 @@ def _run(trained, group: list[_Member], task, budget, device, progress, start: f
     steps = epochs = 0
 
     def leave(leaving: list[_Member]) -> None:
-        nonlocal active, carried, trained
+        nonlocal active, carried
         if not leaving:
             return
         now = time.perf_counter()
@@ -571,11 +605,10 @@ def _run(trained, group: list[_Member], task, budget, device, progress, start: f
 
     running = True
     if checkpoint is not None:
-        (member,) = group
-        resumed = checkpoint.restore(trained.model, member.schedule, member.run)
+        resumed = checkpoint.restore(trained, group)
         if resumed is not None:
-            row, carried, member.best_state, running = resumed.row, resumed.carried, resumed.best_model, not resumed.finished
-            steps, epochs = member.run.steps, member.run.epochs
+            row, carried, running = resumed.row, resumed.carried, not resumed.finished
+            steps, epochs = group[0].run.steps, group[0].run.epochs
     while running and active and epochs < budget.max_epochs:
         trained.train()
         if budget.steps_per_epoch is None:
@@ -630,11 +663,14 @@ def _run(trained, group: list[_Member], task, budget, device, progress, start: f
                 member.run.epochs += 1
         if epoch_steps or not active[0].run.curve:
             evaluate_now(epoch_steps)
+        ending = []
         if running and active and epoch_steps == steps_per_epoch:
-            leave([m for m in active if not m.schedule.update(m.run.curve[-1]["score"])])
-        if checkpoint is not None and epoch_steps == steps_per_epoch and group[0].status == "ok":
-            checkpoint.save(trained.model, group[0].schedule, group[0].run, row=row, carried=carried,
-                            best_model=group[0].best_state, finished=not (running and active))
+            ending = [m for m in active if not m.schedule.update(m.run.curve[-1]["score"])]
+        if checkpoint is not None and epoch_steps == steps_per_epoch:
+            # saved before the ending members leave the batched model: their last weights are still in it
+            checkpoint.save(trained, [(index, m, not running or m in ending) for index, m in enumerate(active)
+                                      if m.status == "ok"], row=row, carried=carried)
+        leave(ending)
     leave(list(active))
     if finished:
         tested = [m for m in group if m in finished]

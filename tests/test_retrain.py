@@ -75,35 +75,51 @@ def test_cli_retrain_on_ray_end_to_end(tmp_path, ray_address, reference_dir):
 
 KILL_SCRIPT = """
 import os, signal, sys
+from cellsearch.checkpoint import Checkpointer
 from cellsearch.retrain import resolve_source, retrain
 out, kind, target = sys.argv[1], sys.argv[2], int(sys.argv[3])
 seen = 0
-def progress(event):
+def count(what):
     global seen
-    if event["kind"] == kind:
+    if what == kind:
         seen += 1
         if seen == target:
             os.kill(os.getpid(), signal.SIGKILL)
+def after(name):
+    method = getattr(Checkpointer, name)
+    def wrapped(self, data):
+        method(self, data)
+        count(name)
+    setattr(Checkpointer, name, wrapped)
+after("save_pending")
+after("promote")
 retrain(resolve_source("gru"), "memorize", "tiny", out, seeds=2, baselines=["lstm_b"], in_process=True,
-        progress=progress)
+        progress=lambda event: count(event["kind"]))
 raise SystemExit("the kill point was never reached")
 """
 
 
-#: Runs take 4 epochs of 3 steps: run 1 is steps 1..12, run 2 steps 13..24, and so on.
+#: A cell's two seeds train as one batched model: 4 epochs of 3 steps, one step event per seed (the
+#: gru's steps are events 1..24, the lstm_b's 25..48) and one epoch event per seed (1..8, 9..16).
 _MID_EPOCH_STEP = int(np.random.default_rng(6).choice([5, 7, 8, 10, 11]))
 
 
-@pytest.mark.parametrize("kind, target, resumed_run, resumed_epoch", [
-    # A random step in the middle of a later epoch of run 2 (seeded).
-    ("step", 12 + _MID_EPOCH_STEP, "gru/seed-1", (_MID_EPOCH_STEP - 1) // 3),
-    # The first step after run 3's first checkpoint: the kill lands right on an epoch boundary.
-    ("step", 24 + 4, "lstm_b/seed-0", 1),
-    # Run 4's second evaluation, before that epoch's checkpoint is written: the epoch is redone.
-    ("epoch", 3 * 4 + 2, "lstm_b/seed-1", 1),
+@pytest.mark.parametrize("kind, target, resumed_run, resumed_epoch, other_pending", [
+    # A random step in the middle of a later epoch of the gru's seeds (seeded).
+    ("step", 2 * _MID_EPOCH_STEP, "gru/seed-1", (_MID_EPOCH_STEP - 1) // 3, False),
+    # The first step after the lstm_b seeds' first checkpoint: the kill lands right on an epoch boundary.
+    ("step", 24 + 2 * 3 + 1, "lstm_b/seed-0", 1, False),
+    # The lstm_b's second evaluation, before that epoch's checkpoints are written: the epoch is redone.
+    ("epoch", 8 + 2 + 2, "lstm_b/seed-1", 1, False),
+    # Between the seeds' writes of epoch 2: seed 0's new file is written, seed 1's not; the commit is
+    # discarded and both resume from epoch 1.
+    ("save_pending", 3, "gru/seed-1", 1, True),
+    # Between the seeds' replacements of epoch 2: seed 0's checkpoint is replaced, seed 1's new file waits
+    # beside its old one; the commit is finished and both resume from epoch 2.
+    ("promote", 3, "gru/seed-0", 2, True),
 ])
 def test_sigkill_and_resume_gives_the_uninterrupted_result(tmp_path, reference_dir, kind, target, resumed_run,
-                                                           resumed_epoch):
+                                                           resumed_epoch, other_pending):
     out = tmp_path / "killed"
     killed = subprocess.run([sys.executable, "-c", KILL_SCRIPT, str(out), kind, str(target)], cwd=REPO,
                             capture_output=True, text=True, timeout=300)
@@ -111,11 +127,15 @@ def test_sigkill_and_resume_gives_the_uninterrupted_result(tmp_path, reference_d
     run_dir = out / "runs" / resumed_run
     assert (run_dir / "checkpoint.pt").is_file() and not (run_dir / "result.json").exists()
     assert load_checkpoint(run_dir / "checkpoint.pt").epoch == resumed_epoch
+    pending = sorted(path.parent.name for path in out.glob("runs/*/*/checkpoint.pt.pending"))
+    assert pending == (["seed-0" if resumed_run.endswith("1") else "seed-1"] if other_pending else [])
 
     completed = cli("retrain", *ARGS, "--in-process", "--out", str(out))
-    assert f"resumed from epoch {resumed_epoch}" in completed.stderr
-    record = json.loads((run_dir / "result.json").read_text())
-    assert record["resumed_from_epoch"] == resumed_epoch
+    cell = resumed_run.split("/")[0]
+    assert completed.stderr.count(f"resumed from epoch {resumed_epoch}") == 2, completed.stderr  # both seeds
+    for seed_dir in (out / "runs" / cell).glob("seed-*"):
+        assert json.loads((seed_dir / "result.json").read_text())["resumed_from_epoch"] == resumed_epoch
+    assert not list(out.glob("runs/*/*/*.pending"))
     resumed = pd.read_csv(out / "results.csv")
     expected = pd.read_csv(reference_dir / "results.csv")
     pd.testing.assert_frame_equal(resumed[COMPARED], expected[COMPARED])
@@ -170,7 +190,8 @@ def test_load_model_round_trip_gives_the_same_outputs(tmp_path):
                                 budget=preset.budget.to_dict(), seed=0)
     from cellsearch.training import PlateauHalving, _RunState
 
-    checkpointer.save(model, PlateauHalving(1.0), _RunState(), row=0, carried=None, best_model=None, finished=False)
+    checkpointer.save(checkpointer.payload(model.state_dict(), PlateauHalving(1.0), _RunState(), row=0, carried=None,
+                                           best_model=None, finished=False, rng={"torch": torch.get_rng_state()}))
     loaded = load_model(tmp_path / "c.pt", device=torch.device("cpu"), weights="last")
     tokens = torch.from_numpy(np.random.default_rng(0).integers(0, task.vocab_size, (35, 4)))
     with torch.no_grad():
@@ -265,3 +286,38 @@ def test_unknown_preset_and_source_fail_with_one_line(tmp_path):
     assert completed.returncode == 2 and "no retrain preset 'huge'" in completed.stderr
     completed = cli("retrain", "no_such_cell", "--task", TASK, "--in-process", "--out", str(tmp_path), check=False)
     assert completed.returncode == 2 and "Traceback" not in completed.stderr
+
+
+def test_seeds_trained_as_one_batched_model_equal_separate_runs(tmp_path, reference_dir):
+    """The reference retrain trains each cell's two seeds together; one run per seed gives the same results."""
+    plan = json.loads((reference_dir / "plan.json").read_text())
+    out = tmp_path / "separate"
+    from cellsearch.batching import BatchingConfig
+
+    retrain(resolve_source("gru"), TASK, PRESET, out, seeds=2, baselines=["lstm_b"], in_process=True,
+            batching=BatchingConfig(enabled=False))
+    assert json.loads((out / "plan.json").read_text()) == plan  # batching is not part of the plan: either resumes
+    separate, together = pd.read_csv(out / "results.csv"), pd.read_csv(reference_dir / "results.csv")
+    exact = ["cell", "hash", "seed", "status", "hidden_size", "parameter_count", "best_epoch", "epochs", "steps"]
+    pd.testing.assert_frame_equal(separate[exact], together[exact])
+    close = [column for column in COMPARED if column not in exact]
+    np.testing.assert_allclose(separate[close].to_numpy(float), together[close].to_numpy(float), rtol=2e-5, atol=1e-6)
+    curves_separate, curves_together = pd.read_csv(out / "curves.csv"), pd.read_csv(reference_dir / "curves.csv")
+    assert curves_separate.shape == curves_together.shape
+    numeric = curves_together.select_dtypes("number").columns
+    np.testing.assert_allclose(curves_separate[numeric].to_numpy(float), curves_together[numeric].to_numpy(float),
+                               rtol=2e-5, atol=1e-6)
+
+
+def test_a_batched_seed_checkpoint_resumes_as_a_separate_run(tmp_path, reference_dir):
+    """Each seed of a batched group has a single run's checkpoint: killed mid-group, it resumes with --no-batch."""
+    out = tmp_path / "killed"
+    killed = subprocess.run([sys.executable, "-c", KILL_SCRIPT, str(out), "step", str(2 * 7)], cwd=REPO,
+                            capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    completed = cli("retrain", *ARGS, "--in-process", "--no-batch", "--out", str(out))
+    assert completed.stderr.count("resumed from epoch 2") == 2, completed.stderr
+    resumed, expected = pd.read_csv(out / "results.csv"), pd.read_csv(reference_dir / "results.csv")
+    assert list(resumed["status"]) == list(expected["status"]) and list(resumed["steps"]) == list(expected["steps"])
+    np.testing.assert_allclose(resumed["score"], expected["score"], rtol=2e-5)
+    np.testing.assert_allclose(resumed["test_loss"], expected["test_loss"], rtol=2e-5)

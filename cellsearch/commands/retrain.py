@@ -2,7 +2,8 @@
 
 SOURCE is ``RUN_DIR:HASH`` (a cell of a search), ``RUN_DIR --top N`` (its N
 best cells), a cell file or a reference cell name. Each cell and each baseline
-is trained with the task's retrain preset once per seed; a checkpoint is
+is trained with the task's retrain preset once per seed (a cell's seeds as one
+batched model where that pays, unless ``--no-batch``); a checkpoint per run is
 written every epoch and running the same command again resumes. The summary
 table (mean and spread over seeds per cell) is printed at the end; everything
 else is in ``--out`` (see :mod:`cellsearch.retrain`).
@@ -34,12 +35,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--cpus-per-run", type=float, default=1.0, help="CPUs (torch threads) per run (default 1)")
     parser.add_argument("--gpus-per-run", type=float, default=0.0, help="GPUs per run (fractions share one)")
     parser.add_argument("--device", default="cpu", help="torch device of each run (default cpu)")
+    parser.add_argument("--no-batch", action="store_true",
+                        help="train each seed as a run of its own instead of a cell's seeds as one batched model "
+                             "(where batching pays: always on a GPU, on a CPU when the cells outweigh the softmax)")
     parser.add_argument("--list-presets", action="store_true", help="list the task's presets and exit")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from cellsearch.errors import UserError
+    from cellsearch.batching import BatchingConfig
     from cellsearch.retrain import load_presets, resolve_source, retrain, summary_markdown
 
     if args.list_presets:
@@ -66,7 +71,8 @@ def run(args: argparse.Namespace) -> int:
     results = retrain(
         cells, args.task, args.preset, out_dir, seeds=args.seeds, base_seed=args.seed, baselines=baselines,
         data_dir=args.data_dir, in_process=args.in_process, workers=args.workers, address=args.address,
-        num_cpus=args.cpus_per_run, num_gpus=args.gpus_per_run, device=args.device, on_done=on_done,
+        num_cpus=args.cpus_per_run, num_gpus=args.gpus_per_run, device=args.device,
+        batching=BatchingConfig(enabled=not args.no_batch), on_done=on_done,
     )
     print(summary_markdown(results))
     print(f"results, curves (CSV, PNG), summary (CSV, markdown) and checkpoints in {results.out_dir}")
