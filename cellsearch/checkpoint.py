@@ -258,6 +258,10 @@ def _check_weights(state: Mapping[str, torch.Tensor], expected: Mapping[str, tor
                 problem = (f"{name} is {stored.dtype} {tuple(stored.shape)}, the cell needs {tensor.dtype} "
                            f"{tuple(tensor.shape)}")
                 break
+            # training saves only finite weights (a run that diverged is not checkpointed): NaN or inf is damage
+            if stored.is_floating_point() and not bool(torch.isfinite(stored).all()):
+                problem = f"{name} holds NaN or infinite values"
+                break
     if problem is not None:
         raise CheckpointError(f"{path}: the {which} weights do not fit cell {spec.short_hash} at width {hidden_size}: "
                               f"{problem}")

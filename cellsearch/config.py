@@ -21,6 +21,7 @@ import dataclasses
 import functools
 import json
 import math
+import stat
 import types
 import typing
 from pathlib import Path
@@ -236,6 +237,12 @@ def read_data_file(path: str | Path, error: type[Exception] | None = None, what:
     error = error or ConfigError
     path = Path(path)
     fmt = fmt or ("json" if path.suffix.lower() == ".json" else "yaml")
+    try:
+        # A FIFO or a device would block the read or never end: only regular files are data files.
+        if path.exists() and not stat.S_ISREG(path.stat().st_mode):
+            raise error(f"{path}: {what} is not a regular file")
+    except OSError:
+        pass  # reported by open() below
     try:
         # At most one character past the cap is read: a multi-gigabyte file costs nothing to refuse.
         with open(path, encoding="utf-8") as handle:

@@ -39,7 +39,7 @@ from hypothesis import strategies as st
 from cellsearch import zoo
 from cellsearch.checkpoint import CheckpointError, load_checkpoint, load_model
 from cellsearch.cli import main
-from cellsearch.config import MAX_FILE_CHARS, ConfigError, from_mapping, to_mapping
+from cellsearch.config import MAX_FILE_CHARS, ConfigError, from_mapping, read_data_file, to_mapping
 from cellsearch.errors import UserError
 from cellsearch.mutation import MutationConfig
 from cellsearch.retrain import load_presets, resolve_source, retrain
@@ -385,6 +385,15 @@ def test_binary_and_oversized_cell_files(tmp_path, capsys):
     for name, needle in (("binary.json", "cannot read cell file"), ("big.yaml", "too large"),
                          ("missing.yaml", "no cell file"), ("dir.json", "no cell file")):
         assert_one_line_error(*run_cli(capsys, "show", str(tmp_path / name)), "show", needle)
+
+
+def test_a_fifo_as_config_or_task_file_is_refused_without_blocking(tmp_path, capsys):
+    """A named pipe would block the read forever (nothing writes to it): refused as not a regular file."""
+    fifo = tmp_path / "config.yaml"
+    os.mkfifo(fifo)
+    assert_one_line_error(*run_cli(capsys, "search", str(fifo)), "search", "not a regular file")
+    with pytest.raises(ConfigError, match="not a regular file"):
+        read_data_file(fifo)
 
 
 def test_a_real_subprocess_refuses_hostile_cells_in_one_line(tmp_path):
@@ -770,6 +779,11 @@ CHECKPOINT_CASES = [
     ("weights complex", _tamper("best_model", value=lambda m: {k: v.to(torch.complex64) for k, v in m.items()}),
      "torch.complex64"),
     ("weight missing", _tamper("model", value=lambda m: dict(list(m.items())[1:])), "missing"),
+    ("weights NaN", _tamper("model", value=lambda m: {k: torch.full_like(v, float("nan")) for k, v in m.items()}),
+     "NaN or infinite"),
+    ("best weight inf", _tamper("best_model", value=lambda m: {k: v.clone().fill_(float("inf")) if i == 0 else v
+                                                               for i, (k, v) in enumerate(m.items())}),
+     "NaN or infinite"),
     ("weight extra", _tamper("best_model", value=lambda m: {**m, "evil": torch.zeros(1)}), "unexpected 'evil'"),
     ("loop list", _tamper("loop", value=[1]), "loop must be a mapping"),
     ("row negative", _tamper("loop", "row", value=-5), "loop.row must be a non-negative integer"),
