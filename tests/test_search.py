@@ -223,6 +223,18 @@ def test_other_selections_run(tmp_path, selection):
         results.close()
 
 
+def test_a_moved_run_directory_resumes_and_loads_with_its_own_database(reference_run, tmp_path):
+    """run.json names the default database by absolute path; after a move the directory's own run.db is used."""
+    first = tmp_path / "first"
+    run_serial(tiny_config(), first, stop_after_units=3)
+    moved = tmp_path / "elsewhere" / "moved"
+    moved.parent.mkdir()
+    first.rename(moved)
+    run_serial(tiny_config(), moved)
+    pd.testing.assert_frame_equal(trained(moved), trained(reference_run))
+    assert not first.exists()
+
+
 def test_new_search_refuses_a_used_run_dir_or_database(reference_run, tmp_path):
     with pytest.raises(UserError, match="resume"):
         create_run(tiny_config(), reference_run)

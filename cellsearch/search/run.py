@@ -34,6 +34,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+import sqlalchemy as sa
+
 from cellsearch.config import from_mapping, load_yaml
 from cellsearch.errors import UserError
 from cellsearch.search.config import SearchConfig, resolve_ptb_dir
@@ -63,7 +65,16 @@ def read_run_info(run_dir: str | Path) -> dict[str, Any]:
     path = Path(run_dir) / "run.json"
     if not path.is_file():
         raise UserError(f"{run_dir} is not a search run directory (no run.json)")
-    return json.loads(path.read_text(encoding="utf-8"))
+    info = json.loads(path.read_text(encoding="utf-8"))
+    # The default database is run.db inside the run directory, stored by absolute path: when that path
+    # is gone and the directory holds run.db, the directory was moved (or copied) and its own run.db is meant.
+    url = info.get("storage")
+    if isinstance(url, str) and url.startswith("sqlite:///"):
+        stored = Path(sa.engine.make_url(url).database or "")
+        local = Path(run_dir).resolve() / "run.db"
+        if stored.name == "run.db" and not stored.is_file() and local.is_file():
+            info = {**info, "storage": sqlite_url(local)}
+    return info
 
 
 def ensure_writable(run_dir: Path) -> None:
