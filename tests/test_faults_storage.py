@@ -289,6 +289,47 @@ def test_postgres_restarts_mid_search(tmp_path, database, postgres_server, ray_a
 
 
 @needs_postgres
+def test_stop_now_during_a_database_outage_is_prompt_and_resume_finishes(tmp_path, database, postgres_server,
+                                                                          ray_address):
+    """SIGTERM while the database is down: the retry wait ends at once (not after storage_retry_s), one line;
+    with the database back, resume completes the search with nothing lost or counted twice."""
+    run_dir = tmp_path / "run"
+    config = write_config(tmp_path / "search.yaml", max_steps=4, storage_retry_s=600)
+    driver = start(["search", str(config), "--run-dir", str(run_dir), "--storage", database], ray_address)
+    snapshots = [wait_for_evaluations(database, driver, 2)]
+    try:
+        postgres_server.stop()
+        time.sleep(3)  # units finish meanwhile: their commits fail and wait for a retry
+        driver.terminate()
+        status, stderr = finish(driver, timeout=90)  # a wait for the retry window would take 600 s
+    finally:
+        if not postgres_server.running():
+            postgres_server.start()
+    assert status in (75, 143), stderr[-3000:]
+    if status == 75:
+        assert_one_line_stop(stderr, "asked to stop now while the run database")
+    else:
+        assert "Traceback" not in stderr, stderr[-3000:]
+    resumed = start(["resume", str(run_dir)], ray_address)
+    status, stderr = finish(resumed)
+    assert status == 0, stderr[-3000:]
+    assert_complete_and_consistent(database, run_dir, snapshots, 4)
+
+
+def test_a_retry_wait_ends_when_the_caller_gives_up():
+    from cellsearch.search.storage import retry
+
+    started = time.monotonic()
+
+    def refused():
+        raise sa.exc.OperationalError("connect", {}, ConnectionRefusedError("connection refused"))
+
+    with pytest.raises(StorageUnreachable, match="asked to stop now"):
+        retry(refused, "a write", 600, lambda message: None, give_up=lambda: time.monotonic() - started > 1.0)
+    assert time.monotonic() - started < 60
+
+
+@needs_postgres
 def test_password_comes_from_the_environment_and_is_never_written(tmp_path, ray_address, monkeypatch, capsys):
     """A role that must give its password: the URL's password works for the session, is written nowhere,
     and resume and load_run find it in PGPASSWORD / $CELLSEARCH_STORAGE_URL (and fail clearly without)."""

@@ -153,6 +153,8 @@ class SearchDriver:
         self._studies: dict[str, Any] = {}
         self.reference_hash = zoo.get(config.reference_cell).hash
         self.stop_mode: str | None = None
+        # a second Ctrl-C or SIGTERM during a database outage stops at once, not after storage_retry_s
+        storage.give_up = lambda: self.stop_mode == "abandon"
         #: Set when low free space stopped the search; raised once the running units have committed.
         self._storage_stop: StorageError | None = None
         self._ready: deque[int] = deque()

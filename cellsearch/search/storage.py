@@ -414,12 +414,15 @@ def _summary(error: BaseException) -> str:
 
 
 def retry(operation: Callable[[], _T], what: str, window_s: float, log: Callable[[str], None],
-          where: str = "the run database", before_retry: Callable[[], None] | None = None) -> _T:
+          where: str = "the run database", before_retry: Callable[[], None] | None = None,
+          give_up: Callable[[], bool] | None = None) -> _T:
     """``operation()``, retried with backoff while it fails transiently, for at most ``window_s`` seconds.
 
     ``before_retry`` runs before each retry, inside the retried block (it may touch the database): it
     undoes what a failed attempt may have left behind. A full disk raises :class:`StorageFull` at once;
     a transient error that lasts past the window raises :class:`StorageUnreachable`; other errors pass.
+    ``give_up()`` is asked while waiting between tries: when it says yes (the user asked the search to
+    stop now), the wait ends with :class:`StorageUnreachable` instead of lasting the whole window.
     """
     started = time.monotonic()
     wait = _FIRST_WAIT_S
@@ -444,7 +447,17 @@ def retry(operation: Callable[[], _T], what: str, window_s: float, log: Callable
                     f"{attempt + 1} tries (storage_retry_s = {window_s:g}); committed work is safe") from error
             attempt += 1
             log(f"{where}: {what} failed ({_summary(error)}); retry {attempt} in {wait:.1f} s")
-            time.sleep(wait)
+            resume_at = time.monotonic() + wait
+            while True:
+                # in slices: a stop asked for during the wait is seen within a fraction of a second
+                if give_up is not None and give_up():
+                    raise StorageUnreachable(
+                        f"asked to stop now while {where} was failing ({what}: {_summary(error)}); committed work "
+                        f"is safe") from error
+                left = resume_at - time.monotonic()
+                if left <= 0:
+                    break
+                time.sleep(min(left, 0.2))
             wait = min(2 * wait, _LONGEST_WAIT_S)
 
 
@@ -465,6 +478,8 @@ class RunStorage:
         self.url = url
         self.retry_s = retry_s
         self.log = log or _stderr
+        #: Asked while a retry waits: True ends the wait (the driver sets it: "stop now" was requested).
+        self.give_up: Callable[[], bool] | None = None
         try:
             self.display_url = redact_url(url)
             self.engine = make_engine(url)
@@ -484,7 +499,7 @@ class RunStorage:
     def retry(self, operation: Callable[[], _T], what: str, before_retry: Callable[[], None] | None = None) -> _T:
         """``operation()`` under this storage's retry policy (see :func:`retry`); the driver's Optuna calls use it."""
         return retry(operation, what, self.retry_s, self.log, where=f"the run database {self.display_url}",
-                     before_retry=before_retry)
+                     before_retry=before_retry, give_up=self.give_up)
 
     def _write(self, what: str, body: Callable[[sa.Connection, bool], _T]) -> _T:
         """``body(connection, retrying)`` in one transaction, retried.
