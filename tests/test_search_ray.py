@@ -1,19 +1,15 @@
-"""Ray execution: a unit whose worker dies is retried; a search spreads over a two-node cluster."""
+"""Ray execution: a unit whose worker dies is retried (a search over a two-node cluster: tests/test_faults.py)."""
 
 from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-import yaml
 
 from cellsearch import zoo
-from cellsearch.results import load_run
 from cellsearch.search.config import ResourcesConfig
 from cellsearch.search.executors import RayExecutor
 from cellsearch.search.units import SettingSpec, UnitSpec, run_unit
@@ -65,32 +61,3 @@ def test_unit_is_retried_when_its_worker_dies(tmp_path, ray_address):
     # The retry trained the same settings with the same seeds: same results as running the unit here.
     local = run_unit(memorize_unit(), get_task("memorize"))
     assert [r["score"] for r in completion.results] == pytest.approx([r.score for r in local])
-
-
-def test_search_on_a_two_node_cluster(tmp_path):
-    from ray.cluster_utils import Cluster
-
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
-    try:
-        cluster.add_node(num_cpus=1)
-        cluster.wait_for_nodes()
-        node_ids = {node.node_id for node in cluster.list_all_nodes()}
-        assert len(node_ids) == 2
-        config = tmp_path / "search.yaml"
-        config.write_text(yaml.safe_dump({
-            "tasks": ["arithmetic", "xml"], "budget_profile": "smoke", "population_size": 4,
-            "settings_per_task": 2, "settings_per_unit": 1, "memorize_threshold": 0.0, "seed": 2,
-            "max_steps": 2, "max_in_flight": 4}))
-        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-        result = subprocess.run([sys.executable, "-m", "cellsearch.cli", "search", str(config), "--run-dir",
-                                 str(tmp_path / "run"), "--address", cluster.address, "--no-progress"],
-                                cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
-        assert result.returncode == 0, result.stderr[-3000:]
-    finally:
-        cluster.shutdown()
-    results = load_run(tmp_path / "run")
-    try:
-        evaluations = results.evaluations()
-    finally:
-        results.close()
-    assert set(evaluations["node"]) == node_ids  # both nodes trained units
