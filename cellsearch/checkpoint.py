@@ -42,9 +42,10 @@ that claims a huge width costs nothing to refuse.
 from __future__ import annotations
 
 import json
+import math
 import os
 import pickle
-import zipfile
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -113,7 +114,6 @@ class Resumed:
 
     row: int
     carried: Any
-    best_model: dict[str, torch.Tensor] | None
     finished: bool
 
 
@@ -136,7 +136,7 @@ def _unpickler_reason(text: str) -> str:
 
 def _read(path: Path) -> dict[str, Any]:
     if not path.is_file():
-        raise CheckpointError(f"no checkpoint file at {path}")
+        raise CheckpointError(f"no checkpoint file at {path}" + (" (not a regular file)" if path.exists() else ""))
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
@@ -145,7 +145,7 @@ def _read(path: Path) -> dict[str, Any]:
             raise CheckpointError(f"{path} holds pickled Python objects, which weights-only loading refuses "
                                   f"(not a cellsearch checkpoint, or a tampered one): {reason}") from None
         raise CheckpointError(f"{path} is not a readable checkpoint (corrupt or not a torch file): {reason}") from None
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, KeyError) as error:
+    except Exception as error:  # noqa: BLE001 - torch's reader fails in many ways on garbage (IndexError, struct.error, ...)
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise CheckpointError(f"{path} is not a readable checkpoint (truncated or corrupt): {first[:200]}") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:
@@ -208,10 +208,12 @@ _FIELDS = (
     (("loop", "row"), _integer(0), "a non-negative integer"),
     (("loop", "carried"), _carried, "null, a tensor or a list of tensors"),
     (("loop", "schedule"), _of_type(dict), "a mapping"),
-    (("loop", "schedule", "learning_rate"), _number, "a number"),
+    # A tampered rate or factor (NaN, infinite, not positive) would train to a wrong result instead of failing.
+    (("loop", "schedule", "learning_rate"), lambda v: _number(v) and math.isfinite(v) and v > 0,
+     "a finite positive number"),
     (("loop", "schedule", "patience"), _integer(1), "a positive integer"),
     (("loop", "schedule", "decay_epochs"), _integer(0), "a non-negative integer"),
-    (("loop", "schedule", "factor"), _number, "a number"),
+    (("loop", "schedule", "factor"), lambda v: _number(v) and 0 < v <= 1, "a number in (0, 1]"),
     (("loop", "schedule", "best"), _number, "a number"),
     (("loop", "schedule", "epochs_without_improvement"), _integer(0), "a non-negative integer"),
     (("loop", "schedule", "decay_epochs_left"), _optional(_integer(0)), "null or a non-negative integer"),
@@ -271,11 +273,14 @@ def _commit(value: Any, path: Path) -> dict[str, Any] | None:
     """The optional ``commit`` field: null, or the token and the other members' files of a group save."""
     if value is None:
         return None
-    fits = (isinstance(value, dict) and isinstance(value.get("token"), str) and isinstance(value.get("members"), list)
-            and all(isinstance(member, str) for member in value["members"]))
+    members = value.get("members") if isinstance(value, dict) else None
+    fits = (isinstance(value.get("token"), str) and len(value["token"]) <= 100 and isinstance(members, list)
+            and 0 < len(members) <= MAX_GROUP_MEMBERS and len(set(map(str, members))) == len(members)
+            and all(isinstance(member, str) and _MEMBER_FILE.fullmatch(member) for member in members)) \
+        if isinstance(value, dict) else False
     if not fits:
-        raise CheckpointError(f"{path}: commit must be null or a token with a list of member files, got "
-                              f"{shown(value, 60)}")
+        raise CheckpointError(f"{path}: commit must be null or a token with the files of the group's other seeds "
+                              f"(../seed-N/checkpoint.pt, at most {MAX_GROUP_MEMBERS}), got {shown(value, 60)}")
     return {"token": value["token"], "members": list(value["members"])}
 
 
@@ -388,6 +393,11 @@ def _plain(data: Mapping[str, Any]) -> dict[str, Any]:
     return json.loads(json.dumps(dict(data)))
 
 
+#: A group save names its members' files relative to each member's directory: siblings only.
+_MEMBER_FILE = re.compile(r"(\.\./seed-\d{1,6}/)?checkpoint\.pt")
+#: More members than a group may have (BatchingConfig.max_members is 20 by default): a bigger list is damage.
+MAX_GROUP_MEMBERS = 1024
+
 _SCHEDULE_FIELDS = ("learning_rate", "patience", "decay_epochs", "factor", "best", "epochs_without_improvement",
                     "decay_epochs_left")
 _RUN_STATE_FIELDS = ("steps", "epochs", "best_score", "best_metrics", "curve")
@@ -414,7 +424,6 @@ class Checkpointer:
             "hparams": _plain(hparams), "budget": _plain(budget), "seed": int(seed), "config": _plain(config or {}),
         }
         self.saves = 0
-        self._last: dict[str, Any] | None = None
 
     def _check_identity(self, loaded: Checkpoint) -> None:
         for key in ("task", "vocab_size", "hidden_size", "hparams", "budget", "seed", "config"):
@@ -490,28 +499,23 @@ class Checkpointer:
     def save(self, data: dict[str, Any]) -> None:
         """Write :meth:`payload` output as this run's checkpoint (atomically)."""
         atomic_save(data, self.path)
-        self._last = data
         self.saves += 1
 
     def save_pending(self, data: dict[str, Any]) -> None:
         """Write :meth:`payload` output beside the checkpoint, for :class:`GroupCheckpoint` to commit."""
         atomic_save(data, self.pending_path)
 
-    def promote(self, data: dict[str, Any]) -> None:
-        """Make the pending file (holding ``data``) the checkpoint."""
+    def promote(self) -> None:
+        """Make the pending file the checkpoint."""
         os.replace(self.pending_path, self.path)
-        self._last = data
         self.saves += 1
 
     def finish(self, result: Mapping[str, Any]) -> None:
         """Record the final result (``TrainResult.to_dict()``) in the checkpoint once training is over."""
-        data = self._last
-        if data is None:
-            loaded = self.existing()
-            if loaded is None:
-                # The run ended before its first epoch (diverged or a time cap): nothing to reload.
-                return
-            data = torch.load(self.path, map_location="cpu", weights_only=True)
+        # Read back rather than kept from the last save: a group would hold every member's weights twice.
+        if self.existing() is None:
+            return  # the run ended before its first epoch (diverged or a time cap): nothing to reload
+        data = torch.load(self.path, map_location="cpu", weights_only=True)
         atomic_save({**data, "finished": True, "result": dict(result)}, self.path)
 
 
@@ -543,18 +547,33 @@ class GroupCheckpoint:
     @staticmethod
     def settle(checkpointers: Sequence[Checkpointer]) -> None:
         """Finish or discard a group save that a kill interrupted (see the class doc)."""
+        commits: dict[Path, dict[str, Any] | None] = {}  # each file is read once, however many members name it
+
+        def commit_of(path: Path) -> dict[str, Any] | None:
+            path = Path(os.path.normpath(path))
+            if path not in commits:
+                commits[path] = _commit_of(path)
+            return commits[path]
+
+        def written_by(member_file: Path, token: str) -> bool:
+            return any((commit := commit_of(candidate)) is not None and commit["token"] == token
+                       for candidate in (member_file.with_name(f"{member_file.name}.pending"), member_file))
+
+        decisions = []
         for checkpointer in checkpointers:
             pending = checkpointer.pending_path
-            if not pending.exists():
+            if not pending.exists() and not pending.is_symlink():
                 continue
-            try:
-                commit = load_checkpoint(pending, expected=checkpointer.spec).commit
-            except CheckpointError:
-                commit = None  # unreadable: the previous checkpoint stands
-            complete = commit is not None and all(
-                _token(pending.parent / member, commit["token"]) for member in commit["members"])
+            if not pending.is_file():
+                raise CheckpointError(f"{pending} is not a checkpoint file; delete it to resume from {checkpointer.path}")
+            commit = commit_of(pending)
+            complete = commit is not None and all(written_by(pending.parent / member, commit["token"])
+                                                  for member in commit["members"])
+            decisions.append((pending, checkpointer.path, complete))
+        # decided first, applied after: replacing a file must not change what another member's decision reads
+        for pending, path, complete in decisions:
             if complete:
-                os.replace(pending, checkpointer.path)
+                os.replace(pending, path)
             else:
                 pending.unlink()
 
@@ -590,7 +609,7 @@ class GroupCheckpoint:
         first = loaded[0]
         carried = None if first.loop["carried"] is None else trained.join_carried(
             [_carried_to(item.loop["carried"], device) for item in loaded])
-        return Resumed(row=int(first.loop["row"]), carried=carried, best_model=None, finished=first.finished)
+        return Resumed(row=int(first.loop["row"]), carried=carried, finished=first.finished)
 
     def save(self, trained: Any, saved: Sequence[tuple[int, Any, bool]], *, row: int, carried: Any) -> None:
         """Write the checkpoints of ``saved`` = (position in ``trained``, loop record, finished) after an epoch.
@@ -607,14 +626,11 @@ class GroupCheckpoint:
         # one token per group save: the members share epoch and step counts
         token = f"epoch-{saved[0][1].run.epochs}-step-{saved[0][1].run.steps}"
         files = [checkpointer.path for checkpointer, *_ in writes]
-        written = []
         for checkpointer, index, member, finished in writes:
             commit = {"token": token, "members": [os.path.relpath(path, checkpointer.path.parent) for path in files]}
-            data = self._payload(trained, checkpointer, index, member, finished, row, carried, commit)
-            checkpointer.save_pending(data)
-            written.append(data)
-        for (checkpointer, *_), data in zip(writes, written):
-            checkpointer.promote(data)
+            checkpointer.save_pending(self._payload(trained, checkpointer, index, member, finished, row, carried, commit))
+        for checkpointer, *_ in writes:
+            checkpointer.promote()
 
     @staticmethod
     def _payload(trained: Any, checkpointer: Checkpointer, index: int, member: Any, finished: bool, row: int,
@@ -625,14 +641,11 @@ class GroupCheckpoint:
             rng=trained.rng_state(index), commit=commit)
 
 
-def _token(path: Path, token: str) -> bool:
-    """Whether the member file at ``path`` (its pending file, or else the checkpoint) was written by save ``token``."""
-    for candidate in (path.with_name(f"{path.name}.pending"), path):
-        if candidate.exists():
-            try:
-                commit = load_checkpoint(candidate).commit
-            except CheckpointError:
-                continue
-            if commit is not None and commit["token"] == token:
-                return True
-    return False
+def _commit_of(path: Path) -> dict[str, Any] | None:
+    """The group save that wrote the checkpoint file at ``path``; None when none did, or it cannot be read."""
+    if not path.is_file():
+        return None
+    try:
+        return load_checkpoint(path).commit
+    except CheckpointError:
+        return None  # unreadable: it cannot complete a commit, and the previous checkpoint stands

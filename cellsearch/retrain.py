@@ -13,8 +13,9 @@ Each (cell, seed) run writes a checkpoint every epoch
 the same retrain again into the same output directory skips finished runs and resumes
 unfinished ones from their last checkpoint, ending with the same result as an uninterrupted
 run (CPU).
-Runs go to Ray (one run per task slot) through the search's executors
-(:mod:`cellsearch.search.executors`), or run in this process.
+Jobs (one run, or a group of a cell's seeds trained together; :func:`plan_jobs` splits groups so
+that the jobs fill the executor's slots) go to Ray, one per task slot, through the search's
+executors (:mod:`cellsearch.search.executors`), or run in this process.
 
 The output directory holds
 
@@ -266,25 +267,30 @@ def _plain(data: Any) -> Any:
 
 def plan_jobs(cells: Sequence[RetrainCell], task_name: str, preset_name: str, preset: RetrainPreset,
               seeds: Sequence[int], out_dir: Path, device: str = "cpu", num_threads: int = 1, task=None,
-              batching: BatchingConfig | None = None) -> list[RetrainJob]:
-    """The jobs of a retrain, cells in order: a cell's seeds form one job where they train as one batched model.
+              batching: BatchingConfig | None = None, slots: int = 1) -> list[RetrainJob]:
+    """The jobs of a retrain, cells in order: seeds of a cell that train as one batched model share a job.
 
     They do (:func:`~cellsearch.batched_training.trains_together`) when batching is on and, on a
     CPU, when it pays for the preset's shape on ``task`` (without ``task``, never); otherwise each
-    seed is a job of its own, so that seeds run in parallel on separate workers. A job holds at
-    most ``batching.max_members`` seeds.
+    seed is a job of its own. Batching trades parallel jobs for a faster one: a cell's seeds are
+    split into as many groups as it takes for the jobs to fill ``slots`` (the runs the executor
+    can hold at once), and a group holds at most ``batching.max_members`` seeds.
     """
     from cellsearch.batched_training import trains_together
 
     batching = batching or BatchingConfig()
     config = _plain({"task": task_name, "preset": preset_name})
+    together = {cell.label: len(seeds) > 1 and task is not None
+                and trains_together(cell.spec, task, preset.hparams, device, batching) for cell in cells}
+    batched_cells = sum(together.values())
+    solo_jobs = (len(cells) - batched_cells) * len(seeds)
+    groups = 1 if not batched_cells else min(len(seeds), max(1, math.ceil((slots - solo_jobs) / batched_cells)))
+    group_size = min(batching.max_members, math.ceil(len(seeds) / groups))
     jobs: list[RetrainJob] = []
     for cell in cells:
         runs = [RetrainRun(index, int(seed), str(out_dir / "runs" / cell.label / f"seed-{index}"))
                 for index, seed in enumerate(seeds)]
-        together = len(runs) > 1 and task is not None and trains_together(cell.spec, task, preset.hparams, device,
-                                                                           batching)
-        size = batching.max_members if together else 1
+        size = group_size if together[cell.label] else 1
         for first in range(0, len(runs), size):
             jobs.append(RetrainJob(
                 unit_id=len(jobs), task=task_name, label=cell.label, role=cell.role, cell=cell.spec.to_dict(),
@@ -295,49 +301,74 @@ def plan_jobs(cells: Sequence[RetrainCell], task_name: str, preset_name: str, pr
     return jobs
 
 
+def _checkpointers(job: RetrainJob, spec: CellSpec, task) -> list:
+    """One :class:`~cellsearch.checkpoint.Checkpointer` per run of ``job`` (its identity: the plan's settings)."""
+    from cellsearch.checkpoint import Checkpointer
+    from cellsearch.training import solve_hidden_size
+
+    hparams = HyperParams.from_dict(job.hparams)
+    hidden_size = solve_hidden_size(spec, task.vocab_size, hparams.num_layers, hparams.parameter_budget)
+    return [Checkpointer(run.checkpoint_path, spec, task=task.name, vocab_size=task.vocab_size,
+                         hidden_size=hidden_size, hparams=job.hparams, budget=job.budget, seed=run.seed,
+                         config=job.config) for run in job.runs]
+
+
+def settle_checkpoints(jobs: Sequence[RetrainJob], task) -> None:
+    """Finish or discard group saves a kill interrupted, for every run at once (see ``GroupCheckpoint.settle``).
+
+    Before any job starts: a job that resumed one seed first could otherwise overwrite a file that
+    completes another seed's interrupted save (when the grouping changed, e.g. ``--no-batch``).
+    """
+    from cellsearch.checkpoint import GroupCheckpoint
+
+    checkpointers = []
+    for job in jobs:
+        spec = CellSpec.from_dict(dict(job.cell))
+        checkpointers += [c for c, run in zip(_checkpointers(job, spec, task), job.runs) if not run.result_path.is_file()]
+    GroupCheckpoint.settle(checkpointers)
+
+
 def run_job(job: RetrainJob, task, progress: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
     """Train a job's runs on ``task`` (resuming from their checkpoints), write each ``result.json``; a record each.
 
     A run whose ``result.json`` exists is not trained again. The others train together (see
     :func:`~cellsearch.batched_training.train_settings`) in groups of runs whose checkpoints resume
     from the same point; normally that is all of them, and a group interrupted between its members'
-    writes is put back in step first (:meth:`~cellsearch.checkpoint.GroupCheckpoint.settle`).
+    writes is put back in step first (:meth:`~cellsearch.checkpoint.GroupCheckpoint.settle`). A run
+    whose checkpoint cannot be used does not stop the others: they train, and then
+    :class:`~cellsearch.checkpoint.CheckpointError` names the bad file(s).
     """
     from cellsearch.batched_training import train_settings
-    from cellsearch.checkpoint import Checkpointer, GroupCheckpoint
-    from cellsearch.training import GroupMember, solve_hidden_size
+    from cellsearch.checkpoint import CheckpointError, GroupCheckpoint
+    from cellsearch.training import GroupMember
 
     spec = CellSpec.from_dict(dict(job.cell))
     hparams = HyperParams.from_dict(job.hparams)
     budget = Budget.from_dict(job.budget)
     batching = BatchingConfig.from_dict(dict(job.batching))
-    hidden_size = solve_hidden_size(spec, task.vocab_size, hparams.num_layers, hparams.parameter_budget)
     records: dict[int, dict[str, Any]] = {}
-    pending: list[tuple[RetrainRun, Checkpointer]] = []
-    for run in job.runs:
+    clusters: dict[Any, list] = {}
+    problems: list[str] = []
+    for run, checkpointer in zip(job.runs, _checkpointers(job, spec, task)):
         if run.result_path.is_file():
             records[run.seed_index] = _read_record(run.result_path)
-        else:
-            pending.append((run, Checkpointer(run.checkpoint_path, spec, task=task.name, vocab_size=task.vocab_size,
-                                              hidden_size=hidden_size, hparams=job.hparams, budget=job.budget,
-                                              seed=run.seed, config=job.config)))
-    GroupCheckpoint.settle([checkpointer for _, checkpointer in pending])
-    resumed = [checkpointer.existing() for _, checkpointer in pending]
-    clusters: dict[Any, list[int]] = {}
-    for position, loaded in enumerate(resumed):
-        clusters.setdefault(None if loaded is None else loaded.resume_point, []).append(position)
-    for positions in clusters.values():
-        runs = [pending[position] for position in positions]
-
+            continue
+        try:
+            GroupCheckpoint.settle([checkpointer])
+            loaded = checkpointer.existing()
+        except CheckpointError as error:
+            problems.append(str(error))
+            continue
+        clusters.setdefault(None if loaded is None else loaded.resume_point, []).append((run, checkpointer, loaded))
+    for runs in clusters.values():
         def hook(event: dict[str, Any], runs=runs) -> None:
             run = runs[event["member"]][0]
             progress({**event, "label": job.label, "seed": run.seed, "seed_index": run.seed_index})
 
-        results = train_settings(spec, task, [GroupMember(hparams, run.seed) for run, _ in runs], budget, job.device,
+        results = train_settings(spec, task, [GroupMember(hparams, run.seed) for run, _, _ in runs], budget, job.device,
                                  None if progress is None else hook, job.num_threads, batching,
-                                 checkpoints=[checkpointer for _, checkpointer in runs])
-        for position, (run, checkpointer), result in zip(positions, runs, results):
-            loaded = resumed[position]
+                                 checkpoints=[checkpointer for _, checkpointer, _ in runs])
+        for (run, checkpointer, loaded), result in zip(runs, results):
             record = {
                 "label": job.label, "role": job.role, "cell_hash": spec.hash, "seed_index": run.seed_index,
                 "resumed_from_epoch": None if loaded is None else loaded.epoch,
@@ -349,6 +380,8 @@ def run_job(job: RetrainJob, task, progress: Callable[[dict[str, Any]], None] | 
             temporary.write_text(json.dumps(record, indent=2, default=_json_number), encoding="utf-8")
             os.replace(temporary, run.result_path)
             records[run.seed_index] = record
+    if problems:
+        raise CheckpointError("; ".join(problems))
     return [records[run.seed_index] for run in job.runs]
 
 
@@ -362,6 +395,9 @@ def _json_number(value: Any) -> Any:
 # An output directory may come from elsewhere (or be damaged): what is read back is checked, so
 # that a bad file is one clear line, and a label cannot lead a read outside the directory.
 def _read_json(path: Path, what: str) -> dict[str, Any]:
+    if path.exists() and not path.is_file():
+        # a FIFO would block the read forever
+        raise UserError(f"{path}: the {what} is not a regular file; delete it to redo that part")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError, RecursionError) as error:
@@ -457,7 +493,7 @@ def retrain(
     Ray instance with ``workers`` CPUs or on the cluster at ``address``.
     A cell's seeds train as one batched model where ``batching`` (default: on where it pays, see
     :func:`plan_jobs`) says so; results equal separate runs up to rounding.
-    ``on_done(record, done, total)`` is called as each run finishes.
+    ``on_done(record, done, total)`` is called for each run as its job finishes (once per run).
     """
     from cellsearch.search.config import ResourcesConfig
     from cellsearch.search.executors import RayExecutor, SerialExecutor
@@ -470,9 +506,6 @@ def retrain(
     seed_values = make_seeds(seeds, base_seed)
     threads = max(1, int(num_cpus))
     task = get_task(task_name, data_dir=data_dir)
-    jobs = plan_jobs(all_cells, task_name, preset_name, preset, seed_values, out_dir, device=device,
-                     num_threads=threads, task=task, batching=batching)
-    total = sum(len(job.runs) for job in jobs)
     plan = _plain({
         "task": task.name, "preset": preset_name, "preset_settings": to_mapping(preset), "seeds": seed_values,
         "base_seed": base_seed, "cells": [cell.to_dict() for cell in all_cells],
@@ -482,54 +515,62 @@ def retrain(
     def load_task(name: str):
         return get_task(name, data_dir=data_dir)
 
-    records: list[dict[str, Any]] = []
-    failures: list[str] = []
-    pending = [job for job in jobs if not job.finished]
-    for job in jobs:
-        for run in job.runs:
-            if run.result_path.is_file():
-                records.append(_read_record(run.result_path))
-                if on_done is not None:
-                    on_done(records[-1], len(records), total)
+    def plan_for(slots: int) -> list[RetrainJob]:
+        return plan_jobs(all_cells, task_name, preset_name, preset, seed_values, out_dir, device=device,
+                         num_threads=threads, task=task, batching=batching, slots=slots)
+
+    runs = [run for job in plan_for(1) for run in job.runs]
+    records = [_read_record(run.result_path) for run in runs if run.result_path.is_file()]
+    if on_done is not None:
+        for count, record in enumerate(records, 1):
+            on_done(record, count, len(runs))
     seen = {(record["label"], record["seed_index"]) for record in records}
-    by_id = {job.unit_id: job for job in pending}
-    if pending:
+    failures: list[str] = []
+    if len(records) < len(runs):
         if in_process:
             executor = SerialExecutor(load_task, unit_function=lambda job, task: run_job(job, task, progress))
         else:
             executor = RayExecutor(load_task, ResourcesConfig(num_cpus=num_cpus, num_gpus=num_gpus),
                                    address=address, num_cpus=workers, unit_function=run_job)
         try:
+            jobs = [job for job in plan_for(executor.slots) if not job.finished]
+            settle_checkpoints(jobs, task)
+            by_id = {job.unit_id: job for job in jobs}
             executor.prepare([task_name])
-            queue = list(pending)
+            queue = list(jobs)
             while queue or executor.in_flight:
                 while queue and executor.in_flight < executor.slots:
                     executor.submit(queue.pop(0))
                 for completion in executor.wait(timeout=1.0):
                     job = by_id[completion.unit_id]
+                    done = completion.results
                     if completion.error is not None:
                         reason = completion.error.strip().splitlines()[-1]
-                        named = [run for run in job.runs if str(run.checkpoint_path) in reason]
-                        if "CheckpointError" in reason and named:
-                            # Rerunning would meet the same file: say how to start that run over instead.
-                            reason += f" (delete {named[0].checkpoint_path} to start this run over)"
-                        seeds = ", ".join(str(run.seed_index) for run in job.runs)
-                        failures.append(f"{job.label} seed{'s' if len(job.runs) > 1 else ''} {seeds}: {reason}")
-                        continue
-                    for record in completion.results:
+                        # the job's other runs may have finished before the failure was raised
+                        done = [_read_record(run.result_path) for run in job.runs if run.result_path.is_file()]
+                        for run in job.runs:
+                            if run.result_path.is_file():
+                                continue
+                            note = ""
+                            if ("CheckpointError" in reason and str(run.checkpoint_path) in reason
+                                    and f"{run.checkpoint_path}.pending" not in reason):
+                                # Rerunning would meet the same file: say how to start that run over instead.
+                                note = f" (delete {run.checkpoint_path} to start this run over)"
+                            failures.append(f"{job.label} seed {run.seed_index}: {reason}{note}")
+                    for record in done:
                         # a job also returns its runs that had finished before this retrain started
                         if (record["label"], record["seed_index"]) in seen:
                             continue
                         seen.add((record["label"], record["seed_index"]))
                         records.append(record)
                         if on_done is not None:
-                            on_done(record, len(records), total)
+                            on_done(record, len(records), len(runs))
         finally:
             executor.close()
     results = write_outputs(out_dir)
     if failures:
-        raise UserError(f"{len(failures)} retrain run(s) failed (rerun the same command to retry the others): "
-                        + "; ".join(failures))
+        raise UserError(f"{len(failures)} retrain run(s) failed (the others are done; the same command retries "
+                        f"these): " + "; ".join(failures))
     return results
 
 

@@ -396,6 +396,13 @@ def test_a_fifo_as_config_or_task_file_is_refused_without_blocking(tmp_path, cap
         read_data_file(fifo)
 
 
+@pytest.mark.parametrize("content", ["[1]", '{"run_id": 5, "storage": "sqlite:///x"}', "{", '"x" ' * 10])
+def test_a_damaged_run_file_is_one_line_for_resume_and_top(tmp_path, capsys, content):
+    (tmp_path / "run.json").write_text(content)
+    for command in ("resume", "top"):
+        assert_one_line_error(*run_cli(capsys, command, str(tmp_path)), command, "run")
+
+
 def test_a_real_subprocess_refuses_hostile_cells_in_one_line(tmp_path):
     """The installed entry point, for a handful of attacks: exit 2, one line, no traceback, no canary."""
     evil = tmp_path / "evil.yaml"
@@ -791,6 +798,9 @@ CHECKPOINT_CASES = [
     ("schedule missing", _tamper("loop", "schedule", value=lambda s: {k: v for k, v in s.items() if k != "patience"}),
      "lacks loop.schedule.patience"),
     ("learning rate string", _tamper("loop", "schedule", "learning_rate", value="1"), "loop.schedule.learning_rate"),
+    ("learning rate NaN", _tamper("loop", "schedule", "learning_rate", value=float("nan")), "finite positive"),
+    ("learning rate negative", _tamper("loop", "schedule", "learning_rate", value=-1.0), "finite positive"),
+    ("decay factor 5", _tamper("loop", "schedule", "factor", value=5.0), "loop.schedule.factor"),
     ("curve without scores", _tamper("loop", "run_state", "curve", value=[{"epoch": 1}]), "loop.run_state.curve"),
     ("rng float", _tamper("rng", "torch", value=lambda t: t.float()), "rng.torch must be a byte tensor"),
     ("spec not a cell", _tamper("spec", value={"states": ["h"], "nodes": {"a": {"op": "eval", "inputs": ["x"]}},

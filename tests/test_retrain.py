@@ -87,8 +87,8 @@ def count(what):
             os.kill(os.getpid(), signal.SIGKILL)
 def after(name):
     method = getattr(Checkpointer, name)
-    def wrapped(self, data):
-        method(self, data)
+    def wrapped(self, *args):
+        method(self, *args)
         count(name)
     setattr(Checkpointer, name, wrapped)
 after("save_pending")
@@ -321,3 +321,60 @@ def test_a_batched_seed_checkpoint_resumes_as_a_separate_run(tmp_path, reference
     assert list(resumed["status"]) == list(expected["status"]) and list(resumed["steps"]) == list(expected["steps"])
     np.testing.assert_allclose(resumed["score"], expected["score"], rtol=2e-5)
     np.testing.assert_allclose(resumed["test_loss"], expected["test_loss"], rtol=2e-5)
+
+
+def test_jobs_fill_the_executor_slots(tmp_path):
+    """A cell's seeds share a job where they train together, split into more jobs when slots would stay idle."""
+    from cellsearch.retrain import baseline_cells, plan_jobs
+
+    task = get_task(TASK)
+    preset = get_preset(TASK, PRESET)
+    cells = [*resolve_source("mut1"), *baseline_cells(["gru", "lstm_b"], [])]
+    seeds = list(range(5))
+
+    def sizes(slots, **batching):
+        from cellsearch.batching import BatchingConfig
+
+        jobs = plan_jobs(cells, TASK, PRESET, preset, seeds, tmp_path, task=task, slots=slots,
+                         batching=BatchingConfig(**batching))
+        assert sorted((job.label, run.seed_index) for job in jobs for run in job.runs) == sorted(
+            (cell.label, seed) for cell in cells for seed in seeds)  # every run exactly once
+        return [len(job.runs) for job in jobs]
+
+    assert sizes(1) == [5, 5, 5] and sizes(3) == [5, 5, 5]
+    assert sizes(8) == [2, 2, 1] * 3  # 9 jobs for 8 slots
+    assert sizes(100) == [1] * 15
+    assert sizes(1, max_members=2) == [2, 2, 1] * 3
+    assert sizes(1, enabled=False) == [1] * 15
+
+
+def test_a_bad_checkpoint_stops_only_its_own_run(tmp_path, reference_dir):
+    """One seed's checkpoint is damaged: the other seeds of the cell still train; the error names the file."""
+    out = tmp_path / "damaged"
+    killed = subprocess.run([sys.executable, "-c", KILL_SCRIPT, str(out), "step", str(2 * 7)], cwd=REPO,
+                            capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    bad = out / "runs" / "gru" / "seed-1" / "checkpoint.pt"
+    bad.write_bytes(b".not a checkpoint")  # torch's reader fails on this with an IndexError
+    garbage = out / "runs" / "gru" / "seed-0" / "checkpoint.pt.pending"
+    garbage.write_bytes(b"\x00" * 64)  # an unreadable pending file completes nothing: it is discarded
+    completed = cli("retrain", *ARGS, "--in-process", "--out", str(out), check=False)
+    assert completed.returncode == 2 and "Traceback" not in completed.stderr, completed.stderr
+    last = completed.stderr.strip().splitlines()[-1]
+    assert "1 retrain run(s) failed" in last and f"gru seed 1:" in last and f"delete {bad}" in last, last
+    assert not garbage.exists()
+    runs = pd.read_csv(out / "results.csv")
+    expected = pd.read_csv(reference_dir / "results.csv")
+    assert len(runs) == 3 and not ((runs["cell"] == "gru") & (runs["seed"] == expected["seed"][1])).any()
+    kept = expected[~((expected["cell"] == "gru") & (expected["seed"] == expected["seed"][1]))].reset_index(drop=True)
+    pd.testing.assert_frame_equal(runs[COMPARED], kept[COMPARED])
+
+
+def test_commit_fields_naming_files_outside_the_group_are_refused(tmp_path, reference_dir):
+    source = next(reference_dir.glob("runs/gru/seed-0/checkpoint.pt"))
+    data = torch.load(source, weights_only=True)
+    for members in (["../../../../etc/passwd"], ["checkpoint.pt"] * 2, [f"../seed-{i}/checkpoint.pt" for i in range(2000)],
+                    ["/abs/checkpoint.pt"], [3]):
+        torch.save({**data, "commit": {"token": "epoch-1-step-3", "members": members}}, tmp_path / "c.pt")
+        with pytest.raises(CheckpointError, match="commit must be"):
+            load_checkpoint(tmp_path / "c.pt")

@@ -223,16 +223,23 @@ def test_other_selections_run(tmp_path, selection):
         results.close()
 
 
-def test_a_moved_run_directory_resumes_and_loads_with_its_own_database(reference_run, tmp_path):
-    """run.json names the default database by absolute path; after a move the directory's own run.db is used."""
+def test_a_moved_or_copied_run_directory_resumes_and_loads_with_its_own_database(reference_run, tmp_path):
+    """run.json names the default database by absolute path; a moved or copied directory uses its own run.db."""
+    import shutil
+
     first = tmp_path / "first"
     run_serial(tiny_config(), first, stop_after_units=3)
+    interrupted = trained(first)
+    copied = tmp_path / "copy"
+    shutil.copytree(first, copied)
+    run_serial(tiny_config(), copied)  # the original is still there: the copy must not write into its database
+    pd.testing.assert_frame_equal(trained(copied), trained(reference_run))
+    pd.testing.assert_frame_equal(trained(first), interrupted)
     moved = tmp_path / "elsewhere" / "moved"
     moved.parent.mkdir()
     first.rename(moved)
     run_serial(tiny_config(), moved)
     pd.testing.assert_frame_equal(trained(moved), trained(reference_run))
-    assert not first.exists()
 
 
 def test_new_search_refuses_a_used_run_dir_or_database(reference_run, tmp_path):

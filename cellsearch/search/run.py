@@ -36,7 +36,7 @@ from typing import Any, Callable, Iterator
 
 import sqlalchemy as sa
 
-from cellsearch.config import from_mapping, load_yaml
+from cellsearch.config import from_mapping, load_yaml, read_data_file
 from cellsearch.errors import UserError
 from cellsearch.search.config import SearchConfig, resolve_ptb_dir
 from cellsearch.search.driver import Progress, SearchDriver
@@ -65,14 +65,17 @@ def read_run_info(run_dir: str | Path) -> dict[str, Any]:
     path = Path(run_dir) / "run.json"
     if not path.is_file():
         raise UserError(f"{run_dir} is not a search run directory (no run.json)")
-    info = json.loads(path.read_text(encoding="utf-8"))
-    # The default database is run.db inside the run directory, stored by absolute path: when that path
-    # is gone and the directory holds run.db, the directory was moved (or copied) and its own run.db is meant.
-    url = info.get("storage")
-    if isinstance(url, str) and url.startswith("sqlite:///"):
+    info = read_data_file(path, UserError, "run file", fmt="json")
+    if not (isinstance(info, dict) and isinstance(info.get("run_id"), str) and isinstance(info.get("storage"), str)):
+        raise UserError(f"{path} is not a run file this cellsearch wrote (it needs run_id and storage)")
+    # The default database is run.db inside the run directory, stored by absolute path: a run directory
+    # moved or copied elsewhere holds its own run.db, and that one is meant (a copy must not write into
+    # the original's database).
+    url = info["storage"]
+    if url.startswith("sqlite:///"):
         stored = Path(sa.engine.make_url(url).database or "")
         local = Path(run_dir).resolve() / "run.db"
-        if stored.name == "run.db" and not stored.is_file() and local.is_file():
+        if stored.name == "run.db" and stored.parent != local.parent and local.is_file():
             info = {**info, "storage": sqlite_url(local)}
     return info
 
