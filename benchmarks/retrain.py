@@ -12,6 +12,10 @@ seed, one after another). Both write every checkpoint and every output table, so
 whole retrain's, after one untimed warm-up round of each (code generation happens once per process). The preset is the task's ``quick`` preset (its model size and settings) with a
 shorter budget (``--epochs`` x ``--steps``), written to a temporary copy of the task file.
 
+This is the one-worker case (``--in-process``, or more cells than Ray slots). With more free slots
+than cells, :func:`cellsearch.retrain.plan_jobs` splits a cell's seeds into several jobs so that no
+slot idles; separate runs in parallel can then finish sooner than one batched group would.
+
 Printed: the load average before and after, the median wall time of each way and their ratio
 (separate / batched, higher is better), and the largest relative difference between the two ways'
 scores and test losses (they must agree up to float rounding).
