@@ -378,3 +378,43 @@ def test_commit_fields_naming_files_outside_the_group_are_refused(tmp_path, refe
         torch.save({**data, "commit": {"token": "epoch-1-step-3", "members": members}}, tmp_path / "c.pt")
         with pytest.raises(CheckpointError, match="commit must be"):
             load_checkpoint(tmp_path / "c.pt")
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA"))])
+def test_group_checkpoints_mid_training_resume_to_the_uninterrupted_result(tmp_path, device):
+    """Members with dropout (each its own generator) leaving at different epochs; the files copied mid-training
+    resume, as a group, to exactly the uninterrupted results (on CUDA too: the dropout generators live there)."""
+    import shutil
+
+    from cellsearch.batched_training import train_group
+    from cellsearch.training import GroupMember
+
+    task = get_task("memorize")
+    spec = zoo.get("mut1")
+    base = task.default_hparams("smoke").replace(num_layers=2, dropout=0.3)
+    budget = task.budget("smoke").replace(evaluate_test=True, max_epochs=6, steps_per_epoch=3, patience=1,
+                                          decay_epochs=1)
+    members = [GroupMember(base.replace(learning_rate=lr, init_scale=scale, max_grad_norm=cap), seed)
+               for seed, (lr, scale, cap) in enumerate([(0.5, 1.0, 5.0), (5.0, 2.8, 1.0), (0.1, 0.3, 20.0)], start=3)]
+    width = solve_hidden_size(spec, task.vocab_size, base.num_layers, base.parameter_budget)
+
+    def checkpointers(directory: Path) -> list[Checkpointer]:
+        return [Checkpointer(directory / f"seed-{m.seed}" / "checkpoint.pt", spec, task=task.name,
+                             vocab_size=task.vocab_size, hidden_size=width, hparams=m.hparams.to_dict(),
+                             budget=budget.to_dict(), seed=m.seed) for m in members]
+
+    copied = tmp_path / "copied"
+
+    def copy_after_epoch_two(event):
+        if event["kind"] == "step" and event["step"] == 7 and event["member"] == 0:
+            shutil.copytree(tmp_path / "full", copied)
+
+    full = train_group(spec, task, members, budget, device, copy_after_epoch_two, checkpoints=checkpointers(
+        tmp_path / "full"))
+    assert len({result.epochs for result in full}) > 1  # members left the group at different epochs
+    assert {load_checkpoint(path).epoch for path in copied.glob("*/checkpoint.pt")} == {2}
+    resumed = train_group(spec, task, members, budget, device, checkpoints=checkpointers(copied))
+    for ours, theirs in zip(resumed, full):
+        assert (ours.status, ours.score, ours.epochs, ours.steps, ours.curve, ours.metrics) == \
+            (theirs.status, theirs.score, theirs.epochs, theirs.steps, theirs.curve, theirs.metrics)
