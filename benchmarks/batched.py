@@ -4,7 +4,8 @@ Usage::
 
     python benchmarks/batched.py                         # gru, K = 1, 8, 20, hidden 64/128/256, CPU, 1 thread
     python benchmarks/batched.py --cell lstm --repeats 7
-    python benchmarks/batched.py --device cuda --members 1 8 20 64
+    python benchmarks/batched.py --device cuda --members 1 8 20 64   # compiled = CUDA graphs; reference = cuDNN
+    python benchmarks/batched.py --no-compile                         # eager only (compilation takes minutes)
 
 What is timed is the training loop's own step (:func:`cellsearch.training.run_members` calls these
 methods): forward over one window (batch 20, 35 steps, vocabulary 64), per-member losses, backward,
@@ -14,7 +15,19 @@ the same K members. Each repeat times both back to back (alternating which goes 
 machine's load hits both alike; the table shows medians over repeats of per-member steps per second
 and their ratio (batched / sequential, higher is better).
 
-CPU matmul route: every configuration is measured with the default route and with
+Compiled (``--compile``, on by default): the same members objects wrapped in
+:class:`~cellsearch.compiler.capture.CapturedMembers` (``torch.compile``, inductor; on CUDA
+``reduce-overhead``, i.e. CUDA graphs), timed in the same repeats as the eager variants: *seq
+compiled* (K single models, one compilation shared by all of one width) and *batched compiled*
+(K > 1). Their first step compiles; its wall time is printed with the number of steps after which
+the faster step has paid for it. Every timed compiled step is checked to have run compiled.
+
+Reference (cells ``gru`` and ``lstm``): the single model with ``nn.GRU`` / ``nn.LSTM`` in place of
+the compiled cell (same embedding, width, softmax, step), one after another like *sequential*; with
+``--device cuda`` that is cuDNN, on a CPU PyTorch's native CPU kernels ("nn CPU"). The columns
+``seq compiled/it`` and ``seq/it`` compare the compiled and eager single-model paths against it.
+
+CPU matmul route (``--onednn``, on by default): every configuration is measured with the default route and with
 ``torch.backends.mkldnn.matmul.fp32_precision = "bf16"`` (the oneDNN route; see
 :mod:`cellsearch.compiler.onednn`), interleaved in the same repeats. The start-up check's verdict is
 printed first: where it finds no route the setting changes nothing (the numbers show the noise).
@@ -41,10 +54,12 @@ from pathlib import Path
 import yaml
 
 import torch
+from torch import nn
 
 from cellsearch import zoo
 from cellsearch.batched_training import BatchedMembers
 from cellsearch.compiler.batched import BatchedSequenceModel
+from cellsearch.compiler.capture import CapturedMembers
 from cellsearch.compiler.onednn import verify_route
 from cellsearch.training import SequenceModel, SingleMember
 
@@ -68,7 +83,7 @@ def _step(members, tokens, learning_rates, caps, state):
 
 def _members(spec, hidden: int, count: int, device: torch.device):
     models = []
-    with torch.random.fork_rng():
+    with torch.random.fork_rng(devices=[]):
         for seed in range(count):
             torch.manual_seed(seed)
             model = SequenceModel(spec, VOCAB, hidden).to(device)
@@ -81,31 +96,76 @@ def _members(spec, hidden: int, count: int, device: torch.device):
     return singles, batched
 
 
-def bench(spec, hidden: int, count: int, args, device: torch.device) -> dict[str, float]:
+class TorchRecurrent(nn.Module):
+    """The single model with ``nn.GRU`` / ``nn.LSTM`` (cuDNN on CUDA) in place of the compiled cell: the same shapes."""
+
+    def __init__(self, kind: type, hidden: int):
+        super().__init__()
+        self.embedding = nn.Embedding(VOCAB, hidden)
+        self.rnn = kind(hidden, hidden)
+        self.decoder = nn.Linear(hidden, VOCAB)
+
+    def forward(self, tokens, state=None):
+        output, state = self.rnn(self.embedding(tokens), state)
+        return self.decoder(output), state
+
+
+#: cells of the zoo that ``nn.GRU`` / ``nn.LSTM`` compute (the reference for the single-model path)
+TORCH_CELLS = {"gru": nn.GRU, "lstm": nn.LSTM}
+
+
+def _torch_members(cell: str, hidden: int, count: int, device: torch.device) -> list:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return [SingleMember(TorchRecurrent(TORCH_CELLS[cell], hidden).to(device)) for _ in range(count)]
+
+
+def bench(spec, hidden: int, count: int, args, device: torch.device) -> tuple[dict, dict]:
+    """Per-member steps per second of every variant, and the compiled variants' first-step (compile) seconds."""
     singles, batched = _members(spec, hidden, count, device)
     generator = torch.Generator().manual_seed(hidden + count)
     tokens = torch.randint(VOCAB, (UNROLL + 1, BATCH), generator=generator).to(device)
     rates = [0.1 * (1 + i % 5) for i in range(count)]
     caps = [1.0 + i for i in range(count)]
 
-    def sequential():
-        for single, rate, cap in zip(singles, rates, caps):
-            _step(single, tokens, [rate], [cap], None)
+    def one_by_one(group):
+        def run():
+            for single, rate, cap in zip(group, rates, caps):
+                _step(single, tokens, [rate], [cap], None)
+        return run
 
-    def together():
-        _step(batched, tokens, rates, caps, None)
+    def together(members):
+        return lambda: _step(members, tokens, rates, caps, None)
 
-    variants = {"sequential": sequential, "batched": together}
+    variants = {"sequential": one_by_one(singles), "batched": together(batched)}
+    captured = {}
+    if args.compile:
+        # compiled wrappers around the same members objects (same weights); one compilation serves every
+        # single model of a width (same shapes), the batched model compiles once per K
+        captured["sequential compiled"] = [CapturedMembers(single, device) for single in singles]
+        variants["sequential compiled"] = one_by_one(captured["sequential compiled"])
+        if count > 1:
+            captured["batched compiled"] = [CapturedMembers(batched, device)]
+            variants["batched compiled"] = together(captured["batched compiled"][0])
+    if args.cell in TORCH_CELLS:
+        variants["torch"] = one_by_one(_torch_members(args.cell, hidden, count, device))
     # at least 16 member-steps per timed run, so that a small K's runs are not dominated by the
     # cold caches the other variant leaves behind
     steps = max(args.steps, -(-16 // count))
-    routes = {"default": "ieee", "onednn": "bf16"} if device.type == "cpu" else {"default": None}
-    times: dict[tuple[str, str], list[float]] = {(v, r): [] for v in variants for r in routes}
-    cpu_times: dict[tuple[str, str], list[float]] = {(v, r): [] for v in variants for r in routes}
-    for fn in variants.values():
-        fn()  # warm-up: allocator, first-call dispatch
+    routes = {"default": "ieee", "onednn": "bf16"} if device.type == "cpu" and args.onednn else {"default": None}
+    # the oneDNN route is a setting of eager matmuls; compiled and nn.GRU/nn.LSTM variants run on the default route only
+    pairs = [(v, r) for v in variants for r in routes if r == "default" or v in ("sequential", "batched")]
+    times: dict[tuple[str, str], list[float]] = {pair: [] for pair in pairs}
+    cpu_times: dict[tuple[str, str], list[float]] = {pair: [] for pair in pairs}
+    compile_seconds = {}
+    for name, fn in variants.items():
+        start = time.perf_counter()
+        fn()  # warm-up: allocator, first-call dispatch; compilation for the compiled variants
+        if name in captured:
+            compile_seconds[name] = time.perf_counter() - start
+            print(f"    compiled {name} (hidden {hidden}, K {count}): first step {compile_seconds[name]:.1f} s", flush=True)
     for repeat in range(args.repeats):
-        order = [(v, r) for v in variants for r in routes]
+        order = list(pairs)
         if repeat % 2:
             order.reverse()
         for variant, route in order:
@@ -119,11 +179,14 @@ def bench(spec, hidden: int, count: int, args, device: torch.device) -> dict[str
             times[(variant, route)].append(time.perf_counter() - start)
             cpu_times[(variant, route)].append(time.process_time() - cpu_start)
     torch.backends.mkldnn.matmul.fp32_precision = "ieee"
+    for name, wrappers in captured.items():
+        # every timed step must have gone through the compiled graph (no silent eager fallback or recompile)
+        assert all(w.eager_calls == 0 and w.compiled_calls >= 1 for w in wrappers), name
     row = {}
     for clock, measured in (("wall", times), ("cpu", cpu_times)):
         for (variant, route), values in measured.items():
             row[(clock, variant, route)] = count * steps / statistics.median(values)
-    return row
+    return row, compile_seconds
 
 
 def unit_times(settings: int, repeats: int) -> None:
@@ -195,6 +258,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2, help="training steps per timed run (at least 16/K)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                        help="also time the training step through torch.compile (inductor; reduce-overhead on CUDA)")
+    parser.add_argument("--onednn", action=argparse.BooleanOptionalAction, default=True,
+                        help="on a CPU, also time the eager variants with the oneDNN matmul route")
     parser.add_argument("--search", action="store_true", help="also time the smoke search with batching off and on")
     parser.add_argument("--settings-per-unit", type=int, help="with --search: override the smoke config's settings_per_unit")
     parser.add_argument("--search-repeats", type=int, default=1, help="with --search: runs per variant")
@@ -211,26 +278,70 @@ def main() -> None:
         print(f"oneDNN route check: route={check.route}; {check.reason}; default error {check.default_error:.2e}; "
               f"candidates {check.candidate_errors}")
         torch.backends.mkldnn.matmul.fp32_precision = "ieee"
-    header = f"{'hidden':>6} {'K':>3}  {'seq steps/s':>11} {'batched':>9} {'ratio':>6}"
-    if device.type == "cpu":
-        header += f"  {'seq oneDNN':>10} {'batched oneDNN':>14} {'ratio':>6}  {'batched oneDNN/default':>22}"
     started = time.perf_counter()
     clocks = ("wall", "cpu") if args.clock == "both" else (args.clock,)
-    rows = {}
+    rows, compiles = {}, {}
     for hidden in args.hidden:
         for count in args.members:
-            rows[(hidden, count)] = bench(spec, hidden, count, args, device)
-            print(f"  measured hidden {hidden}, K {count} ({time.perf_counter() - started:.0f} s)", flush=True)
+            rows[(hidden, count)], compiles[(hidden, count)] = bench(spec, hidden, count, args, device)
+            print(f"  measured hidden {hidden}, K {count} ({time.perf_counter() - started:.0f} s, load {os.getloadavg()[0]:.2f})",
+                  flush=True)
+    onednn = device.type == "cpu" and args.onednn
+    reference = "cuDNN" if device.type == "cuda" else "nn CPU"
     for clock in clocks:
         print(f"per-member training steps per second, {clock} clock (medians over {args.repeats} repeats of max({args.steps}, 16/K) steps)")
+        header = f"{'hidden':>6} {'K':>3}  {'seq steps/s':>11} {'batched':>9} {'ratio':>6}"
+        if onednn:
+            header += f"  {'seq oneDNN':>10} {'batched oneDNN':>14} {'ratio':>6}  {'batched oneDNN/default':>22}"
+        if args.compile:
+            header += f"  {'seq compiled':>12} {'/seq':>6} {'batched compiled':>16} {'/batched':>8}"
+        if args.cell in TORCH_CELLS:
+            header += f"  {reference + ' ' + args.cell:>12}" + (f" {'seq compiled/it':>15}" if args.compile else "") + f" {'seq/it':>6}"
         print(header)
         for (hidden, count), row in rows.items():
             seq, bat = row[(clock, "sequential", "default")], row[(clock, "batched", "default")]
             line = f"{hidden:>6} {count:>3}  {seq:>11.2f} {bat:>9.2f} {bat / seq:>5.2f}x"
-            if device.type == "cpu":
+            if onednn:
                 seq_o, bat_o = row[(clock, "sequential", "onednn")], row[(clock, "batched", "onednn")]
                 line += f"  {seq_o:>10.2f} {bat_o:>14.2f} {bat_o / seq_o:>5.2f}x  {bat_o / bat:>21.2f}x"
+            if args.compile:
+                seq_c = row[(clock, "sequential compiled", "default")]
+                bat_c = row.get((clock, "batched compiled", "default"))
+                line += f"  {seq_c:>12.2f} {seq_c / seq:>5.2f}x"
+                line += f" {bat_c:>16.2f} {bat_c / bat:>7.2f}x" if bat_c else f" {'-':>16} {'-':>8}"
+            if args.cell in TORCH_CELLS:
+                ref = row[(clock, "torch", "default")]
+                line += f"  {ref:>12.2f}" + (f" {seq_c / ref:>14.2f}x" if args.compile else "") + f" {seq / ref:>5.2f}x"
             print(line)
+    if args.compile:
+        print("compilation (first compiled step, forward + backward, wall clock; one compilation per shape, shared by "
+              "every model of that shape in the process) and steps to amortise it against the eager step of the same "
+              "variant (wall-clock medians above):")
+        amortise, fresh, seen = [], [], set()
+        for (hidden, count), seconds in compiles.items():
+            row = rows[(hidden, count)]
+            for variant, eager_name, members in (("sequential compiled", "sequential", 1), ("batched compiled", "batched", count)):
+                if variant not in seconds:
+                    continue
+                shape = (variant, hidden, members)
+                label = f"  hidden {hidden:>4} K {count:>3} {variant:>19}: {seconds[variant]:7.1f} s"
+                if shape in seen:
+                    print(f"{label} (no compilation: the graph of an earlier row of the same shape was reused)")
+                    continue
+                seen.add(shape)
+                eager_step = members / row[("wall", eager_name, "default")]
+                compiled_step = members / row[("wall", variant, "default")]
+                saved = eager_step - compiled_step
+                fresh.append(seconds[variant])
+                if saved > 0:
+                    amortise.append(seconds[variant] / saved)
+                print(f"{label}; step eager {1e3 * eager_step:7.1f} ms, compiled {1e3 * compiled_step:7.1f} ms; amortised after "
+                      + (f"{seconds[variant] / saved:,.0f} steps" if saved > 0 else "never (not faster)"))
+        if fresh:
+            print(f"compile time: median {statistics.median(fresh):.1f} s over {len(fresh)} compilations "
+                  f"(min {min(fresh):.1f}, max {max(fresh):.1f}); steps to amortise: "
+                  + (f"median {statistics.median(amortise):,.0f} over the {len(amortise)} faster ones" if amortise
+                     else "never (no compiled variant was faster)"))
     print(f"took {time.perf_counter() - started:.0f} s; load average after: {os.getloadavg()}")
     if args.search:
         unit_times(args.settings_per_unit or 3, 5)

@@ -256,6 +256,7 @@ def train_group(
     progress: Callable[[dict[str, Any]], None] | None = None,
     num_threads: int | None = 1,
     checkpoints: Sequence[Any] | None = None,
+    config: BatchingConfig | None = None,
 ) -> list:
     """Train ``members`` (same shape, see :func:`shape_key`) as one batched model; a TrainResult each, in order.
 
@@ -263,7 +264,9 @@ def train_group(
     ``member`` key (the member's position in ``members``). ``checkpoints``, when given, holds one
     :class:`~cellsearch.checkpoint.Checkpointer` per member: each member's file is restored before
     training (all from the same point, see :attr:`~cellsearch.checkpoint.Checkpoint.resume_point`)
-    and written after every epoch, as a single run's would be. Raises ``ValueError`` when the
+    and written after every epoch, as a single run's would be. ``config.compile`` runs the training
+    step through ``torch.compile`` (:mod:`cellsearch.compiler.capture`) where
+    :meth:`BatchingConfig.compile_decision` says so (never for short runs). Raises ``ValueError`` when the
     members' shapes differ.
     """
     members = list(members)
@@ -272,7 +275,10 @@ def train_group(
     shapes = {shape_key(spec, task, m.hparams) for m in members}
     if len(shapes) > 1:
         raise ValueError(f"train_group: members differ in (layers, width, dropout): {sorted(shapes)}; use group_by_shape")
-    return run_members(spec, task, members, budget, device, progress, num_threads, BatchedMembers.build,
+    from cellsearch.compiler.capture import build_for
+
+    build = build_for(BatchedMembers.build, config or BatchingConfig(), task, budget, device)
+    return run_members(spec, task, members, budget, device, progress, num_threads, build,
                        checkpoint=_group_checkpoint(checkpoints))
 
 
@@ -325,7 +331,8 @@ def train_settings(
         forward = None if progress is None else (lambda event: progress({**event, "member": index}))
         member = members[index]
         results[index] = train_and_evaluate(spec, task, member.hparams, budget, member.seed, device, forward, num_threads,
-                                            checkpoint=None if checkpoints is None else checkpoints[index])
+                                            checkpoint=None if checkpoints is None else checkpoints[index],
+                                            batching=config)
 
     groups = group_by_shape(spec, task, [m.hparams for m in members], config.max_members) if config.enabled else [[i] for i in range(len(members))]
     for group in groups:
@@ -336,7 +343,7 @@ def train_settings(
         forward = None if progress is None else (lambda event, group=group: progress({**event, "member": group[event["member"]]}))
         group_checkpoints = None if checkpoints is None else [checkpoints[i] for i in group]
         for index, result in zip(group, train_group(spec, task, [members[i] for i in group], budget, device, forward,
-                                                    num_threads, group_checkpoints)):
+                                                    num_threads, group_checkpoints, config)):
             results[index] = result
         for index in group:
             if results[index].status == "oom":

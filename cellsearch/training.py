@@ -288,6 +288,7 @@ def train_and_evaluate(
     progress: Callable[[dict[str, Any]], None] | None = None,
     num_threads: int | None = 1,
     checkpoint: Any = None,
+    batching: Any = None,
 ) -> TrainResult:
     """Train ``spec`` on ``task`` with ``hparams`` within ``budget`` and score it on held-out data.
 
@@ -328,6 +329,9 @@ def train_and_evaluate(
       restores a saved loop state before training and saves one after every
       completed epoch; a run resumed that way ends with the same result as an
       uninterrupted one (on CPU; ``max_seconds`` counts from the resume).
+    - ``batching``, when given (a :class:`~cellsearch.batching.BatchingConfig`), may run the
+      training step through ``torch.compile`` (its ``compile`` switch; see
+      :mod:`cellsearch.compiler.capture`); results equal the eager run up to float rounding.
     - ``progress``, when given, is called with a dict after every step
       (``kind='step'``: step, total_steps, epoch, loss, learning_rate) and every
       evaluation (``kind='epoch'``: also score, valid_loss, valid_accuracy).
@@ -336,7 +340,12 @@ def train_and_evaluate(
         from cellsearch.checkpoint import GroupCheckpoint
 
         checkpoint = GroupCheckpoint([checkpoint])
-    return run_members(spec, task, [GroupMember(hparams, seed)], budget, device, progress, num_threads, SingleMember.build,
+    build = SingleMember.build
+    if batching is not None:
+        from cellsearch.compiler.capture import build_for
+
+        build = build_for(build, batching, task, budget, device)
+    return run_members(spec, task, [GroupMember(hparams, seed)], budget, device, progress, num_threads, build,
                        checkpoint=checkpoint)[0]
 
 

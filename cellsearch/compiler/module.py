@@ -145,6 +145,10 @@ class _DeferredWeightGrad(torch.autograd.Function):
 
 def _recorder(time_dim: int, batched: bool = False):
     def record(carrier, operand_lists, weights):
+        if torch.compiler.is_compiling():
+            # torch.compile traces a Function's backward when it is applied, before the loop fills the
+            # lists: a compiled graph keeps the weights attached and AOTAutograd derives their gradients
+            return carrier, weights
         if torch.is_grad_enabled() and any(w.requires_grad for w in weights):
             carrier = _DeferredWeightGrad.apply(carrier, operand_lists, time_dim, batched, *weights)
             return carrier, tuple(w.detach() for w in weights)
