@@ -1,6 +1,6 @@
 """What the search tests share: a tiny search config and readers of committed work (not a test module).
 
-The fault-injection tests (test_faults*.py, test_search_resume.py) all ask the same questions of a run
+The fault-injection tests (test_faults*.py) all ask the same questions of a run
 database, read the way any outside reader would: which evaluations are committed, and was anything
 counted twice.
 """

@@ -39,7 +39,7 @@ from cellsearch.search.storage import STORAGE_URL_ENV, RunStorage, StorageUnreac
 pytestmark = pytest.mark.faults
 
 REPO = Path(__file__).resolve().parents[1]
-#: The search of tests/test_search_resume.py: two tasks, seeds, a few steps (20 to 60 s on 2 cores).
+#: The tiny search of the fault tests: two tasks, seeds, a few steps (20 to 60 s on 2 cores).
 CONFIG = TINY_SEARCH
 #: The smallest search (one seed, one task, one setting, no filter task) for the credential checks.
 TINY = {**CONFIG, "tasks": ["arithmetic"], "initial_cells": ["gru"], "memorize_task": None, "settings_per_task": 1,
@@ -289,10 +289,9 @@ def test_postgres_restarts_mid_search(tmp_path, database, postgres_server, ray_a
 
 
 @needs_postgres
-def test_stop_now_during_a_database_outage_is_prompt_and_resume_finishes(tmp_path, database, postgres_server,
-                                                                          ray_address):
-    """SIGTERM while the database is down: the retry wait ends at once (not after storage_retry_s), one line;
-    with the database back, resume completes the search with nothing lost or counted twice."""
+def test_stop_now_during_a_database_outage_is_prompt(tmp_path, database, postgres_server, ray_address):
+    """SIGTERM while the database is down: the retry wait ends at once (not after storage_retry_s), one line,
+    and everything committed before the outage is still there (resume after a stop: the restart test)."""
     run_dir = tmp_path / "run"
     config = write_config(tmp_path / "search.yaml", max_steps=4, storage_retry_s=600)
     driver = start(["search", str(config), "--run-dir", str(run_dir), "--storage", database], ray_address)
@@ -310,10 +309,8 @@ def test_stop_now_during_a_database_outage_is_prompt_and_resume_finishes(tmp_pat
         assert_one_line_stop(stderr, "asked to stop now while the run database")
     else:
         assert "Traceback" not in stderr, stderr[-3000:]
-    resumed = start(["resume", str(run_dir)], ray_address)
-    status, stderr = finish(resumed)
-    assert status == 0, stderr[-3000:]
-    assert_complete_and_consistent(database, run_dir, snapshots, 4)
+    after = committed(database)
+    assert after[: len(snapshots[0])] == snapshots[0]
 
 
 def test_a_retry_wait_ends_when_the_caller_gives_up():

@@ -361,7 +361,7 @@ def test_a_bad_checkpoint_stops_only_its_own_run(tmp_path, reference_dir):
     completed = cli("retrain", *ARGS, "--in-process", "--out", str(out), check=False)
     assert completed.returncode == 2 and "Traceback" not in completed.stderr, completed.stderr
     last = completed.stderr.strip().splitlines()[-1]
-    assert "1 retrain run(s) failed" in last and f"gru seed 1:" in last and f"delete {bad}" in last, last
+    assert "1 retrain run(s) failed" in last and "gru seed 1:" in last and f"delete {bad}" in last, last
     assert not garbage.exists()
     runs = pd.read_csv(out / "results.csv")
     expected = pd.read_csv(reference_dir / "results.csv")
