@@ -8,7 +8,10 @@ counted twice.
 from __future__ import annotations
 
 import os
+import uuid
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 import sqlalchemy as sa
@@ -35,6 +38,30 @@ TINY_SEARCH = {
     "max_steps": 10,
     "max_in_flight": 4,
 }
+
+
+def admin_engine() -> sa.Engine:
+    """An autocommit connection to the test server as its admin role (creates and drops databases)."""
+    from cellsearch.search.storage import normalize_url
+
+    return sa.create_engine(normalize_url(POSTGRES_URL), isolation_level="AUTOCOMMIT", poolclass=sa.pool.NullPool)
+
+
+@contextmanager
+def fresh_postgres_database(prefix: str) -> Iterator[str]:
+    """A new database on the test server (its URL), dropped afterwards; for ``database`` fixtures."""
+    from cellsearch.search.storage import normalize_url
+
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    admin = admin_engine()
+    try:
+        with admin.connect() as connection:
+            connection.execute(sa.text(f'CREATE DATABASE "{name}"'))
+        yield sa.engine.make_url(normalize_url(POSTGRES_URL)).set(database=name).render_as_string(hide_password=False)
+        with admin.connect() as connection:
+            connection.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    finally:
+        admin.dispose()
 
 
 def read_only_engine(database: str | Path) -> sa.Engine:

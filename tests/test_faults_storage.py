@@ -31,8 +31,8 @@ from cellsearch.config import from_mapping
 from cellsearch.results import load_run
 from cellsearch.search.config import SearchConfig
 from cellsearch.search.run import create_run
-from searchchecks import POSTGRES_URL, TINY_SEARCH, assert_search_consistent, committed, needs_postgres, \
-    read_only_engine
+from searchchecks import POSTGRES_URL, TINY_SEARCH, admin_engine, assert_search_consistent, committed, \
+    fresh_postgres_database, needs_postgres, read_only_engine
 from cellsearch.search.storage import STORAGE_URL_ENV, RunStorage, StorageUnreachable, connect_url, normalize_url, \
     redact_url, sqlite_url
 
@@ -238,21 +238,11 @@ def postgres_server():
         server.start()
 
 
-def admin_engine() -> sa.Engine:
-    return sa.create_engine(normalize_url(POSTGRES_URL), isolation_level="AUTOCOMMIT", poolclass=sa.pool.NullPool)
-
-
 @pytest.fixture
 def database():
     """A fresh database on the server, dropped afterwards."""
-    name = f"cellsearch_faults_{uuid.uuid4().hex[:12]}"
-    admin = admin_engine()
-    with admin.connect() as connection:
-        connection.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    yield sa.engine.make_url(normalize_url(POSTGRES_URL)).set(database=name).render_as_string(hide_password=False)
-    with admin.connect() as connection:
-        connection.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
+    with fresh_postgres_database("cellsearch_faults") as url:
+        yield url
 
 
 @needs_postgres

@@ -10,33 +10,24 @@ import json
 import os
 import subprocess
 import sys
-import uuid
 from pathlib import Path
 
 import optuna
 import pytest
-import sqlalchemy as sa
 
 from cellsearch.results import load_run
-from searchchecks import POSTGRES_URL, needs_postgres
-from cellsearch.search.storage import normalize_url, redact_url
+from searchchecks import fresh_postgres_database, needs_postgres
+from cellsearch.search.storage import redact_url
 
 REPO = Path(__file__).resolve().parents[1]
-URL = POSTGRES_URL
 pytestmark = needs_postgres
 
 
 @pytest.fixture
 def database():
     """A fresh database on the server, dropped afterwards."""
-    admin = sa.create_engine(normalize_url(URL), isolation_level="AUTOCOMMIT")
-    name = f"cellsearch_test_{uuid.uuid4().hex[:12]}"
-    with admin.connect() as connection:
-        connection.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    yield sa.engine.make_url(normalize_url(URL)).set(database=name).render_as_string(hide_password=False)
-    with admin.connect() as connection:
-        connection.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
+    with fresh_postgres_database("cellsearch_test") as url:
+        yield url
 
 
 def test_smoke_search_on_postgres(tmp_path, database, ray_address, ptb_dir):
