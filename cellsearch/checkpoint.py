@@ -423,7 +423,6 @@ class Checkpointer:
             "num_layers": int(hparams["num_layers"]), "dropout": float(hparams["dropout"]),
             "hparams": _plain(hparams), "budget": _plain(budget), "seed": int(seed), "config": _plain(config or {}),
         }
-        self.saves = 0
 
     def _check_identity(self, loaded: Checkpoint) -> None:
         for key in ("task", "vocab_size", "hidden_size", "hparams", "budget", "seed", "config"):
@@ -499,7 +498,6 @@ class Checkpointer:
     def save(self, data: dict[str, Any]) -> None:
         """Write :meth:`payload` output as this run's checkpoint (atomically)."""
         atomic_save(data, self.path)
-        self.saves += 1
 
     def save_pending(self, data: dict[str, Any]) -> None:
         """Write :meth:`payload` output beside the checkpoint, for :class:`GroupCheckpoint` to commit."""
@@ -508,7 +506,6 @@ class Checkpointer:
     def promote(self) -> None:
         """Make the pending file the checkpoint."""
         os.replace(self.pending_path, self.path)
-        self.saves += 1
 
     def finish(self, result: Mapping[str, Any]) -> None:
         """Record the final result (``TrainResult.to_dict()``) in the checkpoint once training is over."""
