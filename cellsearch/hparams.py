@@ -40,17 +40,31 @@ _MAX_REJECTIONS = 20
 _USER_ATTR_DUPLICATE = "duplicate_of_earlier_setting"
 
 
+#: Upper bound of the real-valued hyperparameters: the largest round number below float32's 3.4e38, beyond
+#: which torch fails mid-run ("value cannot be converted to type float without overflow" for a learning rate
+#: of 1e39, "from is out of bounds" for an init scale of 1e300). Up to it a run that blows up ends as
+#: ``diverged``, which tests use on purpose (a learning rate of 1e38).
+MAX_SCALE = 1e38
+
+
 def _positive(value: float) -> bool:
     return value > 0 and math.isfinite(value)
+
+
+def _scale(value: float) -> bool:
+    return _positive(value) and value <= MAX_SCALE
+
+
+_SCALE_RULE = f"> 0 and <= {MAX_SCALE:g}"
 
 
 @dataclass(frozen=True)
 class HyperParams:
     """One hyperparameter setting of a training run."""
 
-    init_scale: float = option(1.0, "weights start uniform in +-init_scale/sqrt(width)", check=_positive, rule="> 0")
-    learning_rate: float = option(1.0, "plain SGD step size", check=_positive, rule="> 0")
-    max_grad_norm: float = option(5.0, "gradient-norm clipping threshold", check=_positive, rule="> 0")
+    init_scale: float = option(1.0, "weights start uniform in +-init_scale/sqrt(width)", check=_scale, rule=_SCALE_RULE)
+    learning_rate: float = option(1.0, "plain SGD step size", check=_scale, rule=_SCALE_RULE)
+    max_grad_norm: float = option(5.0, "gradient-norm clipping threshold", check=_scale, rule=_SCALE_RULE)
     num_layers: int = option(1, "stacked cell layers", check=lambda n: 1 <= n <= 16, rule="1..16")
     parameter_budget: int = option(
         100_000, "total learned parameters (embedding + cells + softmax); fixes the width", check=lambda n: n > 0, rule="> 0"

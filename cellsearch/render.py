@@ -7,6 +7,9 @@ from typing import TYPE_CHECKING
 
 import networkx as nx
 
+from cellsearch.errors import UserError
+from cellsearch.outputs import output_file
+
 if TYPE_CHECKING:  # pragma: no cover
     from cellsearch.spec import CellSpec
 
@@ -118,6 +121,7 @@ def to_dot(spec: "CellSpec") -> str:
 
 def draw_png(spec: "CellSpec", path: Path) -> Path:
     """Draw the graph, inputs at the bottom and outputs at the top, to ``path`` (PNG)."""
+    output_file(path, "drawing")
     import matplotlib
 
     matplotlib.use("Agg")
@@ -147,6 +151,10 @@ def draw_png(spec: "CellSpec", path: Path) -> Path:
     axes.set_title(f"{spec.name or 'cell'} ({spec.short_hash})")
     axes.axis("off")
     figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    try:
+        figure.savefig(path, dpi=110)
+    except OSError as error:
+        raise UserError(f"cannot write the drawing {path}: {error.strerror or error}") from None
+    finally:
+        plt.close(figure)
     return path

@@ -43,6 +43,7 @@ from typing import Any, Sequence
 import pandas as pd
 
 from cellsearch.errors import UserError
+from cellsearch.outputs import output_directory
 
 __all__ = ["write_report", "best_vs_evaluations", "filter_statistics", "lineage_table", "ReportFiles"]
 
@@ -244,8 +245,8 @@ def write_report(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None =
         from cellsearch.retrain import load_retrain
 
         retrain = load_retrain(retrain_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "cells").mkdir(exist_ok=True)
+    output_directory(out, "report folder")
+    output_directory(out / "cells", "report folder")
     files: list[str] = []
     sections: list[str] = []
 

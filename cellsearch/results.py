@@ -37,17 +37,17 @@ class SearchRun:
     def __init__(self, path: str | Path):
         from cellsearch.search.config import SearchConfig
         from cellsearch.search.run import read_run_info
-        from cellsearch.search.storage import connect_url, make_engine, sqlite_url
+        from cellsearch.search.storage import connect_url, make_engine, sqlite_path, sqlite_url
         from cellsearch import zoo
 
         self.path = Path(path)
         info = read_run_info(self.path)
         self.run_id: str = info["run_id"]
-        url = sa.engine.make_url(info["storage"])
-        if url.get_backend_name() == "sqlite":
-            if not Path(url.database).is_file():
-                raise UserError(f"the database of {self.path} is missing ({url.database})")
-            self.engine = make_engine(sqlite_url(url.database, read_only=True))
+        database = sqlite_path(info["storage"])
+        if database is not None:
+            if not database.is_file():
+                raise UserError(f"the database of {self.path} is missing ({database})")
+            self.engine = make_engine(sqlite_url(database, read_only=True))
         else:
             # The stored URL has no password: connect_url adds $CELLSEARCH_STORAGE_URL's (or libpq finds one).
             self.engine = make_engine(connect_url(info["storage"]))

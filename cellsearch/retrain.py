@@ -49,6 +49,7 @@ from cellsearch.batching import BatchingConfig
 from cellsearch.config import to_mapping
 from cellsearch.errors import UserError, shown
 from cellsearch.hparams import HyperParams
+from cellsearch.outputs import output_directory
 from cellsearch.spec import CellSpec
 from cellsearch.tasks.base import Budget, RetrainPreset
 
@@ -459,7 +460,7 @@ def _write_plan(out_dir: Path, plan: dict[str, Any]) -> None:
             raise UserError(f"{out_dir} holds a different retrain (differs in: {', '.join(changed)}); use another "
                             f"--out or the same arguments to resume it")
         return
-    out_dir.mkdir(parents=True, exist_ok=True)
+    output_directory(out_dir, "retrain output directory")
     path.write_text(json.dumps(plan, indent=2), encoding="utf-8")
 
 

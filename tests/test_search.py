@@ -99,7 +99,7 @@ def test_config_rejects_unknown_key_and_bad_values(tmp_path):
 
 
 def test_shipped_configs_load():
-    for name in ("smoke", "small", "paper"):
+    for name in ("smoke", "small", "medium", "paper"):
         config = load_search_config(REPO / "search_configs" / f"{name}.yaml")
         assert config.tasks == ("arithmetic", "xml", "ptb")
     paper = load_search_config(REPO / "search_configs" / "paper.yaml")

@@ -128,7 +128,7 @@ def test_tasks_pickle_with_their_arrays():
 
 def test_profiles_narrow_the_space_and_change_the_defaults():
     task = get_task("arithmetic")
-    assert task.profiles == ("smoke", "small", "paper")
+    assert task.profiles == ("smoke", "small", "medium", "paper")
     assert task.space.learning_rate == (0.1, 0.2, 0.3, 0.5, 1.0, 2.0, 5.0)
     smoke = task.space_for("smoke")
     assert smoke.num_layers == (1,) and smoke.learning_rate == task.space.learning_rate

@@ -17,6 +17,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from cellsearch.errors import UserError
+    from cellsearch.outputs import output_directory
     from cellsearch.results import load_run
 
     if args.top < 1:
@@ -24,8 +25,7 @@ def run(args: argparse.Namespace) -> int:
     results = load_run(args.run_dir)
     try:
         top = results.top(args.top)
-        out_dir = Path(args.out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
+        out_dir = output_directory(Path(args.out_dir), "export directory")
         for rank, row in enumerate(top.itertuples(index=False), start=1):
             path = out_dir / f"{rank:02d}-{row.short_hash}.{args.format}"
             results.spec(row.hash).save(path)

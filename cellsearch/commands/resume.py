@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from cellsearch.commands.search import add_execution_arguments, run_search
+from cellsearch.commands.search import add_execution_arguments, check_execution_arguments, run_search
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -21,5 +21,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from cellsearch.search.run import open_run
 
+    check_execution_arguments(args)
     config, storage = open_run(args.run_dir, max_steps=args.max_steps)
     return run_search(config, storage, Path(args.run_dir), args)

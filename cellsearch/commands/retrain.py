@@ -55,6 +55,11 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("give a SOURCE: RUN_DIR:HASH, RUN_DIR --top N, a cell file or a reference cell name")
     if args.workers is not None and args.workers < 1:
         raise UserError("--workers must be at least 1")
+    from cellsearch.devices import check_device
+    from cellsearch.search.executors import attaches
+
+    # Runs on a cluster may train on other machines' devices: there only the spelling is checked here.
+    check_device(args.device, here=args.in_process or not attaches(args.address))
     cells = resolve_source(args.source, args.top)
     baselines = [name.strip() for name in args.baselines.split(",") if name.strip()]
     out_dir = args.out or f"retrain-{args.task}-{args.preset}"

@@ -11,7 +11,8 @@ from pathlib import Path
 
 from cellsearch.config import describe
 
-__all__ = ["register", "run", "ProgressBar", "add_execution_arguments", "run_search", "print_top"]
+__all__ = ["register", "run", "ProgressBar", "add_execution_arguments", "check_execution_arguments", "run_search",
+           "print_top"]
 
 
 def add_execution_arguments(parser: argparse.ArgumentParser) -> None:
@@ -24,6 +25,24 @@ def add_execution_arguments(parser: argparse.ArgumentParser) -> None:
                         help="'serial' runs units in this process, one at a time (debugging)")
     parser.add_argument("--max-steps", type=int, metavar="N", help="search steps to run in all (overrides the config)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only)")
+
+
+def check_execution_arguments(args: argparse.Namespace) -> None:
+    """Refuse bad execution options before anything is written, and a dead cluster address in bounded time.
+
+    ``--workers 0`` would start a Ray instance without CPUs that never runs a unit. An unreachable
+    ``--address``/``RAY_ADDRESS`` is found here, before the run directory exists, so the same command
+    works unchanged once the cluster is up (:func:`cellsearch.search.executors.check_cluster`).
+    """
+    from cellsearch.errors import UserError
+
+    if args.workers is not None and args.workers < 1:
+        raise UserError(f"--workers must be at least 1, got {args.workers}")
+    if args.executor == "ray":
+        from cellsearch.search.executors import attaches, check_cluster
+
+        if attaches(args.address):
+            check_cluster(args.address)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -128,6 +147,7 @@ def run(args: argparse.Namespace) -> int:
 
     config = load_search_config(args.config).with_overrides(storage=args.storage, seed=args.seed,
                                                             max_steps=args.max_steps)
+    check_execution_arguments(args)
     run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / (
         f"{Path(args.config).stem}-{datetime.now(timezone.utc).strftime('%Y%m%d-%H%M%S')}")
     config, storage = create_run(config, run_dir)

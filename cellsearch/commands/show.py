@@ -37,6 +37,10 @@ def _print_spec(spec, label: str, args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.png:
+        from cellsearch.outputs import output_file
+
+        output_file(args.png, "drawing")  # before anything is printed: a bad path is the whole answer
     if args.hash is not None:
         return _show_searched(args)
     spec = resolve_cell(args.cell)

@@ -25,7 +25,7 @@ import yaml
 from cellsearch.commands._common import resolve_cell
 from cellsearch.errors import UserError
 
-PROFILE_NAMES = ("smoke", "small", "paper")
+PROFILE_NAMES = ("smoke", "small", "medium", "paper")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -164,10 +164,12 @@ def _table(cell: str, task: str, results: list) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from cellsearch.config import ConfigError
+    from cellsearch.devices import check_device
     from cellsearch.hparams import make_sampler, sample_settings
     from cellsearch.tasks import get_task
     from cellsearch.training import train_and_evaluate
 
+    check_device(args.device)
     spec = resolve_cell(args.cell)
     task = get_task(args.task, data_dir=args.data_dir)
     hparam_changes, budget_changes = _parse_overrides(args.overrides)

@@ -195,6 +195,15 @@ def _member_state(batched: nn.Module, index: int) -> dict[str, torch.Tensor]:
     return {name: parameter.detach()[index] for name, parameter in batched.named_parameters()}
 
 
+def _first_parameter(module: nn.Module) -> torch.Tensor | None:
+    """The first parameter of ``module`` (its device and dtype are the module's), or None.
+
+    A cell without linear nodes (``h' = x + h``) at equal input and hidden widths has no weights at all;
+    like ``CellRNN``, such a module takes device and dtype from its input, so there is nothing to move.
+    """
+    return next(module.parameters(), None)
+
+
 def _check_count(members: int) -> int:
     if isinstance(members, bool) or not isinstance(members, int) or members < 1:
         raise ValueError(f"members must be a positive integer, got {members!r}")
@@ -241,18 +250,20 @@ class BatchedCellRNN(nn.Module):
                 first.spec.hash, first.input_size, first.hidden_size, first.num_layers, first.dropout
             ):
                 raise ValueError("BatchedCellRNN.from_members: members must share cell, sizes, layers and dropout")
-        reference = next(first.parameters())
+        reference = _first_parameter(first)
         batched = cls(first.spec, len(rnns), first.input_size, first.hidden_size, first.num_layers, first.dropout, generators)
-        batched.to(device=reference.device, dtype=reference.dtype)
+        if reference is not None:
+            batched.to(device=reference.device, dtype=reference.dtype)
         stack_members(batched, rnns)
         return batched
 
     def member(self, index: int) -> CellRNN:
         """Member ``index`` as a separate ``CellRNN`` (a copy of its weights)."""
-        reference = next(self.parameters())
+        reference = _first_parameter(self)
         rnn = CellRNN(self.spec, self.input_size, self.hidden_size, self.num_layers, self.dropout, generator=torch.Generator())
         rnn.generator = None  # like a CellRNN built without one: dropout from the default generator
-        rnn.to(device=reference.device, dtype=reference.dtype)
+        if reference is not None:
+            rnn.to(device=reference.device, dtype=reference.dtype)
         rnn.load_state_dict(_member_state(self, index))
         return rnn
 
@@ -375,13 +386,15 @@ def member_dropout(values: torch.Tensor, probability: float, generators: Sequenc
 def _take(module: nn.Module, indices: Sequence[int], build: Callable[[int, Any], nn.Module]) -> nn.Module:
     indices = [int(i) for i in indices]
     generators = None if module.generators is None else [module.generators[i] for i in indices]
-    reference = next(module.parameters())
-    taken = build(len(indices), generators).to(device=reference.device, dtype=reference.dtype)
-    position = torch.tensor(indices, device=reference.device)
-    with torch.no_grad():
-        sources = dict(module.named_parameters())
-        for name, parameter in taken.named_parameters():
-            parameter.copy_(sources[name].index_select(0, position))
+    reference = _first_parameter(module)
+    taken = build(len(indices), generators)
+    if reference is not None:
+        taken.to(device=reference.device, dtype=reference.dtype)
+        position = torch.tensor(indices, device=reference.device)
+        with torch.no_grad():
+            sources = dict(module.named_parameters())
+            for name, parameter in taken.named_parameters():
+                parameter.copy_(sources[name].index_select(0, position))
     taken.train(module.training)
     if hasattr(module, "table_lookup"):
         taken.table_lookup = module.table_lookup

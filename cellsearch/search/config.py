@@ -19,13 +19,13 @@ directory).
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Mapping
 
 from cellsearch.batching import BatchingConfig
 from cellsearch.config import ConfigError, from_mapping, load_yaml, option, to_mapping
+from cellsearch.devices import is_device_name
 from cellsearch.errors import UserError, shown
 
 __all__ = ["ResourcesConfig", "SearchConfig", "load_search_config", "resolve_ptb_dir", "PTB_ENV"]
@@ -34,13 +34,9 @@ __all__ = ["ResourcesConfig", "SearchConfig", "load_search_config", "resolve_ptb
 PTB_ENV = "CELLSEARCH_PTB_DIR"
 
 
-#: Devices a unit can train on, as torch spells them, optionally with an index. Checked without importing
-#: torch: `top`, `show` and `export` read a run's config and should not pay torch's seconds of start-up.
-_DEVICE = re.compile(r"(cpu|cuda|mps|xpu|hip|xla|hpu|mtia|privateuseone)(:\d{1,4})?")
-
-
-def _is_device(value: str) -> bool:
-    return isinstance(value, str) and _DEVICE.fullmatch(value) is not None
+#: Devices a unit can train on: spelling only, without importing torch (see :mod:`cellsearch.devices`); the
+#: units may run on other machines, so whether the device exists is the worker's to find out.
+_is_device = is_device_name
 
 
 def _check_storage(url: str) -> None:
@@ -101,7 +97,7 @@ class SearchConfig:
     tasks: tuple[str, ...] = option(("arithmetic", "xml", "ptb"), "scored tasks, in the order candidates meet them",
                                     check=lambda v: len(v) > 0 and len(set(v)) == len(v),
                                     rule="a non-empty list without repeats")
-    budget_profile: Literal["smoke", "small", "paper"] = option("paper", "training budget profile of every task")
+    budget_profile: Literal["smoke", "small", "medium", "paper"] = option("paper", "training budget profile of every task")
     population_size: int = option(100, "the population is the best N cells by score", check=lambda v: v >= 2,
                                   rule=">= 2")
     settings_per_task: int = option(20, "K: hyperparameter settings per task per evaluation", check=lambda v: v >= 1,

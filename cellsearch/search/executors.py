@@ -16,20 +16,40 @@ inside a unit are reported, not retried: they would fail again). Each task's
 data set is put in the object store once and passed by reference.
 :class:`SerialExecutor` runs units in the driver process, one per ``wait``,
 for debugging and fast tests.
+
+Attaching to a cluster (``--address`` or ``RAY_ADDRESS``) is bounded in time.
+Ray 2.60's ``ray.init`` has no connection timeout: against an address where no
+cluster runs, each of its 20 connection attempts waits about 40 s, so a typo
+hangs for a quarter of an hour. :func:`check_cluster` therefore first connects
+to the cluster's port (a refused or unreachable address fails at once) and then
+asks the cluster's GCS for its id in a child process that is killed when
+:data:`ATTACH_TIMEOUT_ENV` (``CELLSEARCH_RAY_ATTACH_TIMEOUT_S``, default 60)
+seconds have passed; only then does ``ray.init`` run in this process. Failures
+are :class:`ClusterUnreachable`: one line, exit status 2 in the CLI.
 """
 
 from __future__ import annotations
 
 import math
+import os
+import socket
+import subprocess
+import sys
 import time
 import traceback
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from cellsearch.errors import UserError
 from cellsearch.search.config import ResourcesConfig
 from cellsearch.search.units import UnitSpec, run_unit, worker_info
 
-__all__ = ["Completion", "SerialExecutor", "RayExecutor", "UnitFunction"]
+__all__ = ["Completion", "SerialExecutor", "RayExecutor", "UnitFunction", "ClusterUnreachable", "check_cluster",
+           "attach_timeout", "attaches", "ATTACH_TIMEOUT_ENV", "DEFAULT_ATTACH_TIMEOUT_S"]
+
+#: Environment variable: seconds that attaching to a Ray cluster may take before it fails (see the module docstring).
+ATTACH_TIMEOUT_ENV = "CELLSEARCH_RAY_ATTACH_TIMEOUT_S"
+DEFAULT_ATTACH_TIMEOUT_S = 60.0
 
 #: ``run_unit`` or a function with its signature (tests substitute one that records its pid).
 UnitFunction = Callable[[UnitSpec, Any], list]
@@ -58,6 +78,109 @@ def _execute(unit_function: UnitFunction, unit: UnitSpec, task) -> tuple[list[di
     torch.set_num_threads(max(1, unit.num_threads))
     results = unit_function(unit, task)
     return _results_as_dicts(results), worker_info()
+
+
+class ClusterUnreachable(UserError, ConnectionError):
+    """No Ray cluster answered at the address in time (a :class:`ConnectionError` too, as ``ray.init``'s own are)."""
+
+
+def attaches(address: str | None) -> bool:
+    """Whether a :class:`RayExecutor` with ``address`` attaches to a cluster (rather than starting its own Ray)."""
+    return address is not None or bool(os.environ.get("RAY_ADDRESS"))
+
+
+def attach_timeout() -> float:
+    """Seconds that attaching may take: ``$CELLSEARCH_RAY_ATTACH_TIMEOUT_S``, else 60."""
+    text = os.environ.get(ATTACH_TIMEOUT_ENV, "").strip()
+    if not text:
+        return DEFAULT_ATTACH_TIMEOUT_S
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and 0 < value <= 86400):
+        raise UserError(f"${ATTACH_TIMEOUT_ENV} must be a number of seconds in (0, 86400], got {text[:40]!r}")
+    return value
+
+
+#: The child's check: the GCS answers with its cluster id (what ray.init asks first). A dead or foreign port
+#: makes the constructor wait and fail; the parent's timeout kills the child first.
+_GCS_PROBE = "import sys\nfrom ray._raylet import GcsClient\nGcsClient(address=sys.argv[1]).cluster_id\n"
+
+#: Addresses whose cluster answered recently (monotonic time): ``search`` checks before creating its run
+#: directory and the executor then attaches without asking twice.
+_answered: dict[str, float] = {}
+
+
+def _where(address: str | None) -> str:
+    """The address as the user gave it, for messages."""
+    if os.environ.get("RAY_ADDRESS"):
+        return f"{os.environ['RAY_ADDRESS']} (RAY_ADDRESS)"
+    return address or "auto"
+
+
+def _target(address: str | None) -> tuple[str, int, bool]:
+    """Host, port and whether it is a GCS (not a Ray Client ``ray://``) address, as ``ray.init`` would resolve it."""
+    shown = _where(address)
+    resolved = os.environ.get("RAY_ADDRESS") or address  # ray.init lets RAY_ADDRESS win, and so does this
+    if resolved and resolved.startswith("ray://"):
+        gcs, rest = False, resolved[len("ray://"):]
+    else:
+        from ray._private.services import canonicalize_bootstrap_address
+
+        gcs = True
+        try:
+            rest = canonicalize_bootstrap_address(resolved)  # "auto": the cluster recorded on this machine
+        except ConnectionError as error:
+            raise ClusterUnreachable(f"no Ray cluster to attach to at {shown}: {str(error).splitlines()[0]}") from None
+        except Exception as error:  # a malformed address
+            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+            raise ClusterUnreachable(f"cannot attach to the Ray cluster at {shown}: not a Ray address "
+                                     f"({reason})") from None
+        if rest is None:
+            raise ClusterUnreachable(f"no Ray cluster to attach to at {shown}")
+    host, _, port = rest.rpartition(":")
+    host = host.strip("[]")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ClusterUnreachable(f"cannot attach to the Ray cluster at {shown}: not host:port")
+    return host, int(port), gcs
+
+
+def check_cluster(address: str | None, timeout: float | None = None) -> None:
+    """Raise :class:`ClusterUnreachable` unless a Ray cluster answers at ``address`` (or ``RAY_ADDRESS``) in time.
+
+    ``timeout`` defaults to :func:`attach_timeout`. See the module docstring for why this exists.
+    """
+    timeout = attach_timeout() if timeout is None else timeout
+    shown = _where(address)
+    key = f"{address}|{os.environ.get('RAY_ADDRESS', '')}"
+    if time.monotonic() - _answered.get(key, -math.inf) < 60:
+        return
+    deadline = time.monotonic() + timeout
+    host, port, gcs = _target(address)
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            pass
+    except socket.timeout:
+        raise ClusterUnreachable(f"cannot attach to the Ray cluster at {shown}: no answer from {host}:{port} "
+                                 f"within {timeout:g} s (${ATTACH_TIMEOUT_ENV})") from None
+    except OSError as error:
+        raise ClusterUnreachable(f"cannot attach to the Ray cluster at {shown}: {host}:{port}: "
+                                 f"{error.strerror or error}") from None
+    if gcs:
+        remaining = max(1.0, deadline - time.monotonic())
+        try:
+            probe = subprocess.run([sys.executable, "-c", _GCS_PROBE, f"{host}:{port}"], stdin=subprocess.DEVNULL,
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=remaining)
+        except subprocess.TimeoutExpired:
+            raise ClusterUnreachable(f"cannot attach to the Ray cluster at {shown}: {host}:{port} accepts connections "
+                                     f"but no Ray GCS answered within {timeout:g} s (${ATTACH_TIMEOUT_ENV})") from None
+        if probe.returncode != 0:
+            lines = [line for line in probe.stderr.decode(errors="replace").splitlines() if line.strip()]
+            reason = lines[-1].strip()[:200] if lines else f"exit status {probe.returncode}"
+            raise ClusterUnreachable(f"cannot attach to the Ray cluster at {shown}: {host}:{port} did not answer as "
+                                     f"a Ray cluster ({reason})")
+    _answered[key] = time.monotonic()
 
 
 class SerialExecutor:
@@ -103,25 +226,28 @@ class RayExecutor:
     """Runs units as Ray tasks; see the module docstring.
 
     ``address`` None starts an embedded local Ray instance with ``num_cpus``
-    CPUs (all of the machine's when None); ``"auto"`` or ``host:port`` attaches to
-    a running cluster (``RAY_ADDRESS`` is honoured by ``ray.init`` itself).
+    CPUs (all of the machine's when None; at least 1: a cluster without CPUs
+    would never run a unit); ``"auto"`` or ``host:port`` attaches to a running
+    cluster (``RAY_ADDRESS`` is honoured by ``ray.init`` itself) after
+    :func:`check_cluster` has seen it answer.
     """
 
     def __init__(self, load_task: Callable[[str], Any], resources: ResourcesConfig, address: str | None = None,
                  num_cpus: int | None = None, unit_function: UnitFunction = run_unit):
-        import os
-
+        if num_cpus is not None and (isinstance(num_cpus, bool) or not isinstance(num_cpus, int) or num_cpus < 1):
+            raise UserError(f"--workers must be at least 1, got {num_cpus!r}")
         import ray
 
         self._ray = ray
         self._started_ray = False
         if not ray.is_initialized():
-            if address is None and not os.environ.get("RAY_ADDRESS"):
+            if not attaches(address):
                 # "local": a new instance even when another one on this machine is recorded in
                 # /tmp/ray/ray_current_cluster (ray.init() without an address would attach to it).
                 ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=True,
                          configure_logging=False)
             else:
+                check_cluster(address)  # ray.init itself would wait up to a quarter of an hour for a dead address
                 ray.init(address=address, log_to_driver=True, configure_logging=False)
             self._started_ray = True
         self._resources = resources

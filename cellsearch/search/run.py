@@ -41,7 +41,7 @@ from cellsearch.errors import UserError
 from cellsearch.search.config import SearchConfig, resolve_ptb_dir
 from cellsearch.search.driver import Progress, SearchDriver
 from cellsearch.search.storage import RunStorage, STORAGE_URL_ENV, connect_url, has_password, normalize_url, \
-    redact_url, remember_url, sqlite_url
+    redact_url, remember_url, sqlite_path, sqlite_url
 
 __all__ = ["package_versions", "create_run", "open_run", "make_executor", "drive", "stop_on_signals",
            "task_loader", "read_run_info", "ensure_writable"]
@@ -70,13 +70,15 @@ def read_run_info(run_dir: str | Path) -> dict[str, Any]:
         raise UserError(f"{path} is not a run file this cellsearch wrote (it needs run_id and storage)")
     # The default database is run.db inside the run directory, stored by absolute path: a run directory
     # moved or copied elsewhere holds its own run.db, and that one is meant (a copy must not write into
-    # the original's database).
-    url = info["storage"]
-    if url.startswith("sqlite:///"):
-        stored = Path(sa.engine.make_url(url).database or "")
-        local = Path(run_dir).resolve() / "run.db"
-        if stored.name == "run.db" and stored.parent != local.parent and local.is_file():
-            info = {**info, "storage": sqlite_url(local)}
+    # the original's database). The URL is parsed, not matched as text: the path in it is escaped (a
+    # directory may be named `q?mark`).
+    try:
+        stored = sqlite_path(info["storage"])
+    except (sa.exc.ArgumentError, ValueError):
+        raise UserError(f"{path} holds a storage URL this cellsearch cannot read") from None
+    local = Path(run_dir).resolve() / "run.db"
+    if stored is not None and stored.name == "run.db" and stored.parent != local.parent and local.is_file():
+        info = {**info, "storage": sqlite_url(local)}
     return info
 
 
@@ -215,6 +217,8 @@ def make_executor(config: SearchConfig, executor: str = "ray", workers: int | No
         raise UserError(f"unknown executor {executor!r} (ray or serial)")
     try:
         return RayExecutor(task_loader(config), config.resources, address=address, num_cpus=workers)
+    except UserError:  # --workers below 1, or ClusterUnreachable (its own line already names the address)
+        raise
     except ConnectionError as error:
         raise UserError(f"cannot attach to the Ray cluster at {address or 'RAY_ADDRESS'}: {error}") from None
 

@@ -38,6 +38,7 @@ import os
 import shutil
 import sys
 import time
+import urllib.parse
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, TypeVar
 
@@ -50,10 +51,10 @@ _T = TypeVar("_T")
 #: The width at which ``params_per_width`` is measured.
 PARAMETER_WIDTH = 128
 
-__all__ = ["PARAMETER_WIDTH", "RunStorage", "metadata", "sqlite_url", "normalize_url", "make_engine", "tune_sqlite",
-           "engine_options", "redact_url", "connect_url", "remember_url", "has_password", "STORAGE_URL_ENV",
-           "StorageError", "StorageFull", "StorageUnreachable", "is_transient", "is_storage_full", "retry",
-           "DEFAULT_RETRY_S",
+__all__ = ["PARAMETER_WIDTH", "RunStorage", "metadata", "sqlite_url", "sqlite_path", "normalize_url", "make_engine",
+           "tune_sqlite", "engine_options", "redact_url", "connect_url", "remember_url", "has_password",
+           "STORAGE_URL_ENV", "StorageError", "StorageFull", "StorageUnreachable", "is_transient", "is_storage_full",
+           "retry", "DEFAULT_RETRY_S",
            "CELLS", "STEPS", "UNITS", "EVALUATIONS", "POPULATION", "STATE", "RUN"]
 
 #: Environment variable holding a full storage URL (with its password) for connecting; it is used only when it
@@ -174,11 +175,37 @@ POPULATION = sa.Table(
 
 
 def sqlite_url(path: str | Path, read_only: bool = False) -> str:
-    """SQLAlchemy URL of a SQLite file (read-only through SQLite's URI mode)."""
+    """SQLAlchemy URL of a SQLite file (read-only through SQLite's URI mode).
+
+    Built through SQLAlchemy's URL object, never by pasting the path into a string: a directory
+    named ``q?mark``, ``hash#tag`` or ``pct%41x`` is escaped, and ``make_url`` gives back exactly
+    this path. In URI mode SQLite itself parses the name as a URI, so there the path is
+    percent-encoded once more, as SQLite expects (see :func:`sqlite_path`).
+    """
     path = Path(path).resolve()
     if read_only:
-        return f"sqlite:///file:{path}?mode=ro&uri=true"
-    return f"sqlite:///{path}"
+        return sa.engine.URL.create("sqlite", database=f"file:{urllib.parse.quote(str(path))}",
+                                    query={"mode": "ro", "uri": "true"}).render_as_string(hide_password=False)
+    return sa.engine.URL.create("sqlite", database=str(path)).render_as_string(hide_password=False)
+
+
+def sqlite_path(url: str | sa.engine.URL) -> Path | None:
+    """The file a SQLite URL names (plain or SQLite's ``file:`` URI form); None for other databases and ``:memory:``."""
+    parsed = sa.engine.make_url(url)
+    if parsed.get_backend_name() != "sqlite" or not parsed.database or parsed.database == ":memory:":
+        return None
+    database = parsed.database
+    if database.startswith("file:"):
+        # SQLite's own URI: the name is percent-encoded when SQLite parses it (uri=true) and ends at '?'
+        database = database[len("file:"):]
+        if _is_true(parsed.query.get("uri")):
+            database = urllib.parse.unquote(database.split("?", 1)[0].split("#", 1)[0])
+    return Path(database)
+
+
+def _is_true(value: Any) -> bool:
+    value = value[-1] if isinstance(value, tuple) else value
+    return str(value).lower() in ("1", "true", "yes", "on")
 
 
 def normalize_url(url: str) -> str:
@@ -243,7 +270,8 @@ def engine_options(url: str) -> dict[str, Any]:
 
 def make_engine(url: str) -> sa.Engine:
     """An engine for the run database (SQLite tuned by :func:`tune_sqlite`; see :func:`engine_options`)."""
-    return tune_sqlite(sa.create_engine(url, **engine_options(url)), read_only="mode=ro" in url)
+    mode = sa.engine.make_url(url).query.get("mode")
+    return tune_sqlite(sa.create_engine(url, **engine_options(url)), read_only=mode == "ro")
 
 
 # -- credentials -------------------------------------------------------------------------------------------------
@@ -527,11 +555,8 @@ class RunStorage:
 
     def database_directory(self) -> Path | None:
         """The directory of a SQLite database file (None for server databases and in-memory SQLite)."""
-        parsed = sa.engine.make_url(self.url)
-        if parsed.get_backend_name() != "sqlite" or not parsed.database or parsed.database == ":memory:":
-            return None
-        database = parsed.database[len("file:"):] if parsed.database.startswith("file:") else parsed.database
-        return Path(database).resolve().parent
+        database = sqlite_path(self.url)
+        return None if database is None else database.resolve().parent
 
     def free_bytes(self) -> int | None:
         """Free space (bytes) on the filesystem of a SQLite database; None for server databases."""

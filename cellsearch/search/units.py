@@ -47,6 +47,8 @@ class UnitSpec:
     device: str = "cpu"
     num_threads: int = 1
     batching: Mapping[str, Any] = field(default_factory=dict)  # BatchingConfig keys; empty: its defaults
+    #: Budget keys that replace the profile's budget wholesale (a fidelity study's budgets); None: the profile's.
+    budget: Mapping[str, Any] | None = None
 
 
 def run_unit(unit: UnitSpec, task) -> list:
@@ -58,10 +60,11 @@ def run_unit(unit: UnitSpec, task) -> list:
     from cellsearch.batched_training import BatchingConfig, train_settings
     from cellsearch.hparams import HyperParams
     from cellsearch.spec import CellSpec
+    from cellsearch.tasks.base import Budget
     from cellsearch.training import GroupMember
 
     spec = CellSpec.from_dict(dict(unit.cell))
-    budget = task.budget(unit.budget_profile)
+    budget = task.budget(unit.budget_profile) if unit.budget is None else Budget.from_dict(dict(unit.budget))
     members = [GroupMember(HyperParams.from_dict(setting.hparams), setting.seed) for setting in unit.settings]
     return train_settings(spec, task, members, budget, device=unit.device, num_threads=unit.num_threads,
                           config=BatchingConfig.from_dict(dict(unit.batching)))

@@ -39,7 +39,8 @@ from cellsearch.hparams import HyperParameterSpace, HyperParams
 
 __all__ = ["Budget", "Profile", "RetrainPreset", "TaskFile", "Split", "Task", "PROFILES", "load_task_file", "encode_text", "data_config"]
 
-PROFILES = ("smoke", "small", "paper")
+#: Budget profiles every task file defines: a test budget, a laptop hour, a cluster or overnight run, the paper.
+PROFILES = ("smoke", "small", "medium", "paper")
 #: A task's name labels database rows, Optuna studies and output folders.
 TASK_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,63}")
 METRICS = ("accuracy", "inverse_perplexity")
@@ -120,7 +121,7 @@ class TaskFile:
                                   rule="1..10000")
     space: HyperParameterSpace = option(factory=HyperParameterSpace, why="hyperparameter lists (paper's by default)")
     defaults: HyperParams = option(factory=HyperParams, why="the setting used when none is given")
-    profiles: dict[str, Profile] = option(factory=dict, why="smoke, small and paper budgets")
+    profiles: dict[str, Profile] = option(factory=dict, why="smoke, small, medium and paper budgets")
     retrain_presets: dict[str, RetrainPreset] = option(factory=dict, why="settings for cellsearch retrain --preset")
 
 
