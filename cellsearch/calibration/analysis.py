@@ -52,6 +52,7 @@ class StudyTables:
     reference_budget: str
     task: str
     pass_score: float | None
+    metric: str = "accuracy"  # the task's: accuracy or inverse_perplexity
 
 
 def _runs_table(plan: StudyPlan, store: StudyStore):
@@ -178,7 +179,8 @@ def analyse(plan: StudyPlan, store: StudyStore, task) -> StudyTables:
                        filter_tries=len(strong))
         budget_rows.append(row)
     budgets = pd.DataFrame(budget_rows)
-    return StudyTables(runs, cells, budgets, orderings, plan.reference_budget, plan.config.task, pass_score)
+    return StudyTables(runs, cells, budgets, orderings, plan.reference_budget, plan.config.task, pass_score,
+                       getattr(task, "metric", "accuracy"))
 
 
 def _plot(tables: StudyTables, path: Path) -> None:
@@ -251,12 +253,21 @@ def summary_text(tables: StudyTables) -> str:
     reference = tables.cells[tables.cells.origin != "mutated"]
     if not reference.empty:
         lines.append("")
-        lines.append("reference cells, mean score [95% interval] per budget:")
+        perplexity = tables.metric == "inverse_perplexity"
+        # people read perplexity; the score (1/perplexity) stays what is ranked
+        lines.append(f"reference cells, mean {'perplexity (1 / mean score)' if perplexity else 'score'} "
+                     f"[95% interval] per budget:")
         budgets = list(tables.budgets.budget)
         lines.append(f"{'cell':<10}" + "".join(f"{b:>24}" for b in budgets))
+
+        def shown(row) -> str:
+            if not perplexity:
+                return f"{_fmt(row['mean'])} [{_fmt(row['ci_low'])}, {_fmt(row['ci_high'])}]"
+            inverse = [1 / v if v and v > 0 else math.inf for v in (row["mean"], row["ci_high"], row["ci_low"])]
+            return f"{inverse[0]:.0f} [{inverse[1]:.0f}, {inverse[2]:.0f}]"
+
         for name, part in reference.groupby("cell", sort=False):
-            values = {r["budget"]: f"{_fmt(r['mean'])} [{_fmt(r['ci_low'])}, {_fmt(r['ci_high'])}]"
-                      for r in part.to_dict("records")}
+            values = {r["budget"]: shown(r) for r in part.to_dict("records")}
             lines.append(f"{name:<10}" + "".join(f"{values.get(b, '-'):>24}" for b in budgets))
     return "\n".join(lines)
 
