@@ -27,6 +27,15 @@ def _on_terminate(signum, frame):
     raise Terminated
 
 
+def _user_error_types() -> tuple[type[BaseException], ...]:
+    """The library's "bad input" errors, shown as one line (here, so that errors.py imports nothing back)."""
+    from cellsearch.config import ConfigError
+    from cellsearch.errors import UserError
+    from cellsearch.spec import CellSpecError
+
+    return (UserError, CellSpecError, ConfigError)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from cellsearch import commands
 
@@ -52,9 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     previous_terminate = signal.signal(signal.SIGTERM, _on_terminate) if in_main_thread else None
     command = "cellsearch"
     try:
-        from cellsearch.errors import user_error_types
-
-        errors = user_error_types()
+        errors = _user_error_types()
         parser = build_parser()
         args = parser.parse_args(argv)
         command = f"cellsearch {args.command}"

@@ -12,18 +12,11 @@ import datetime
 import reprlib
 from typing import Any
 
-__all__ = ["UserError", "user_error_types", "shown"]
+__all__ = ["UserError", "shown"]
 
 
 class UserError(Exception):
     """Raised for bad input that is not a cell description or a config (a missing file, a bad name)."""
-
-
-def user_error_types() -> tuple[type[BaseException], ...]:
-    from cellsearch.config import ConfigError
-    from cellsearch.spec import CellSpecError
-
-    return (UserError, CellSpecError, ConfigError)
 
 
 class _BoundedRepr(reprlib.Repr):
