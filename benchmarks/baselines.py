@@ -53,7 +53,9 @@ def _settings(task_name: str, profile: str, seed: int, count: int, data_dir: str
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     task = get_task(task_name, data_dir=data_dir)
-    sampler_seed = int(np.random.SeedSequence([seed, TASKS.index(task_name) if task_name in TASKS else 99]).generate_state(1)[0])
+    sampler_seed = int(
+        np.random.SeedSequence([seed, TASKS.index(task_name) if task_name in TASKS else 99]).generate_state(1)[0]
+    )
     study = optuna.create_study(direction="maximize", sampler=make_sampler("random", sampler_seed))
     return [setting.to_dict() for _, setting in sample_settings(study, task.space_for(profile), count)]
 
@@ -69,7 +71,8 @@ def _run(job: dict) -> dict:
     torch.set_num_threads(1)
     task = get_task(job["task"], data_dir=job["data_dir"])
     result = train_and_evaluate(
-        zoo.get(job["cell"]), task, HyperParams.from_dict(job["hparams"]), task.budget(job["profile"]), seed=job["train_seed"]
+        zoo.get(job["cell"]), task, HyperParams.from_dict(job["hparams"]), task.budget(job["profile"]),
+        seed=job["train_seed"],
     )
     return {**job, "status": result.status, "score": result.score, "duration_s": result.duration_s,
             "steps": result.steps, "hidden_size": result.hidden_size}
@@ -129,7 +132,8 @@ def _report(runs: list[dict], args: argparse.Namespace, wall: float) -> None:
 
 
 _LOG_LINE = re.compile(
-    r"\] (?P<cell>\S+)\s+(?P<task>\S+)\s+seed (?P<seed>\d+) #(?P<setting>\d+) (?P<status>\S+)\s+(?P<score>\S+) \((?P<duration_s>[\d.]+)s"
+    r"\] (?P<cell>\S+)\s+(?P<task>\S+)\s+seed (?P<seed>\d+) #(?P<setting>\d+) (?P<status>\S+)\s+"
+    r"(?P<score>\S+) \((?P<duration_s>[\d.]+)s"
 )
 
 
@@ -153,8 +157,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--settings", type=int, default=8, help="random settings per cell, task and seed")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--data-dir", default=os.environ.get("CELLSEARCH_PTB_DIR",
-                                                             str(Path(__file__).resolve().parents[2] / "shared" / "data" / "ptb")))
+    parser.add_argument("--data-dir",
+                        default=os.environ.get("CELLSEARCH_PTB_DIR",
+                                               str(Path(__file__).resolve().parents[2] / "shared" / "data" / "ptb")))
     parser.add_argument("--json", help="also write every run to this JSON file")
     parser.add_argument("--from-log", metavar="LOG", help="only print the table from an earlier run's progress log")
     args = parser.parse_args(argv)
@@ -184,7 +189,8 @@ def main(argv: list[str] | None = None) -> int:
             runs.append(run)
             print(f"[{done}/{len(jobs)} {time.perf_counter() - start:7.0f}s] {run['cell']:8s} {run['task']:10s} "
                   f"seed {run['seed']} #{run['setting']} {run['status']:8s} {run['score']:.6g} "
-                  f"({run['duration_s']:.1f}s, {run['steps']} steps, width {run['hidden_size']})", file=sys.stderr, flush=True)
+                  f"({run['duration_s']:.1f}s, {run['steps']} steps, width {run['hidden_size']})",
+                  file=sys.stderr, flush=True)
     wall = time.perf_counter() - start
 
     _report(runs, args, wall)

@@ -7,7 +7,7 @@ Usage::
     python benchmarks/batched.py --device cuda --members 1 8 20 64   # compiled = CUDA graphs; reference = cuDNN
     python benchmarks/batched.py --no-compile                         # eager only (compilation takes minutes)
 
-What is timed is the training loop's own step (:func:`cellsearch.training.run_members` calls these
+What is timed is the training loop's own step (:func:`cellsearch.training.loop.run_members` calls these
 methods): forward over one window (batch 20, 35 steps, vocabulary 64), per-member losses, backward,
 per-member clipping and SGD update. *Sequential* runs K separate ``SequenceModel`` (one step each,
 as ``train_and_evaluate`` would one after another); *batched* runs one ``BatchedSequenceModel`` of
@@ -16,7 +16,7 @@ machine's load hits both alike; the table shows medians over repeats of per-memb
 and their ratio (batched / sequential, higher is better).
 
 Compiled (``--compile``, on by default): the same members objects wrapped in
-:class:`~cellsearch.compiler.capture.CapturedMembers` (``torch.compile``, inductor; on CUDA
+:class:`~cellsearch.training.capture.CapturedMembers` (``torch.compile``, inductor; on CUDA
 ``reduce-overhead``, i.e. CUDA graphs), timed in the same repeats as the eager variants: *seq
 compiled* (K single models, one compilation shared by all of one width) and *batched compiled*
 (K > 1). Their first step compiles; its wall time is printed with the number of steps after which
@@ -57,11 +57,10 @@ import torch
 from torch import nn
 
 from cellsearch import zoo
-from cellsearch.batched_training import BatchedMembers
-from cellsearch.compiler.batched import BatchedSequenceModel
-from cellsearch.compiler.capture import CapturedMembers
 from cellsearch.compiler.onednn import verify_route
-from cellsearch.training import SequenceModel, SingleMember
+from cellsearch.model import BatchedSequenceModel, SequenceModel
+from cellsearch.training import BatchedMembers, SingleMember
+from cellsearch.training.capture import CapturedMembers
 
 VOCAB, BATCH, UNROLL = 64, 20, 35
 REPO = Path(__file__).resolve().parents[1]
@@ -163,7 +162,8 @@ def bench(spec, hidden: int, count: int, args, device: torch.device) -> tuple[di
         fn()  # warm-up: allocator, first-call dispatch; compilation for the compiled variants
         if name in captured:
             compile_seconds[name] = time.perf_counter() - start
-            print(f"    compiled {name} (hidden {hidden}, K {count}): first step {compile_seconds[name]:.1f} s", flush=True)
+            print(f"    compiled {name} (hidden {hidden}, K {count}): first step {compile_seconds[name]:.1f} s",
+                  flush=True)
     for repeat in range(args.repeats):
         order = list(pairs)
         if repeat % 2:
@@ -193,9 +193,9 @@ def unit_times(settings: int, repeats: int) -> None:
     """One smoke-budget unit per task (``settings`` sampled settings of the GRU) with batching off and on."""
     import numpy as np
 
-    from cellsearch.batched_training import BatchingConfig, batching_pays, train_settings
+    from cellsearch.batching import BatchingConfig
     from cellsearch.tasks import get_task
-    from cellsearch.training import GroupMember
+    from cellsearch.training import GroupMember, batching_pays, train_settings
 
     spec = zoo.get("gru")
     ptb_dir = os.environ.get("CELLSEARCH_PTB_DIR", str(REPO.parent / "shared" / "data" / "ptb"))
@@ -221,7 +221,8 @@ def search_wall_times(settings_per_unit: int | None, repeats: int) -> None:
     config = yaml.safe_load((REPO / "search_configs" / "smoke.yaml").read_text())
     if settings_per_unit is not None:
         config["settings_per_unit"] = settings_per_unit
-    env = {**os.environ, "CELLSEARCH_PTB_DIR": os.environ.get("CELLSEARCH_PTB_DIR", str(REPO.parent / "shared" / "data" / "ptb"))}
+    env = {**os.environ,
+           "CELLSEARCH_PTB_DIR": os.environ.get("CELLSEARCH_PTB_DIR", str(REPO.parent / "shared" / "data" / "ptb"))}
     times: dict[bool, list[float]] = {False: [], True: []}
     tables: dict[bool, set[str]] = {False: set(), True: set()}
     with tempfile.TemporaryDirectory() as root:
@@ -231,8 +232,8 @@ def search_wall_times(settings_per_unit: int | None, repeats: int) -> None:
                 path.write_text(yaml.safe_dump({**config, "batching": {"enabled": enabled}}))
                 start = time.perf_counter()
                 done = subprocess.run(
-                    [sys.executable, "-m", "cellsearch.cli", "search", str(path), "--executor", "serial", "--no-progress",
-                     "--run-dir", str(Path(root) / f"run-{enabled}-{repeat}")],
+                    [sys.executable, "-m", "cellsearch.cli", "search", str(path), "--executor", "serial",
+                     "--no-progress", "--run-dir", str(Path(root) / f"run-{enabled}-{repeat}")],
                     capture_output=True, text=True, env=env, timeout=1800,
                 )
                 times[enabled].append(time.perf_counter() - start)
@@ -263,10 +264,12 @@ def main() -> None:
     parser.add_argument("--onednn", action=argparse.BooleanOptionalAction, default=True,
                         help="on a CPU, also time the eager variants with the oneDNN matmul route")
     parser.add_argument("--search", action="store_true", help="also time the smoke search with batching off and on")
-    parser.add_argument("--settings-per-unit", type=int, help="with --search: override the smoke config's settings_per_unit")
+    parser.add_argument("--settings-per-unit", type=int,
+                        help="with --search: override the smoke config's settings_per_unit")
     parser.add_argument("--search-repeats", type=int, default=1, help="with --search: runs per variant")
     parser.add_argument("--clock", choices=("wall", "cpu", "both"), default="both",
-                        help="wall clock, process CPU time (steadier on a shared machine: it does not count waiting for a core), or both")
+                        help="wall clock, process CPU time (steadier on a shared machine: it does not count waiting "
+                             "for a core), or both")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -284,19 +287,21 @@ def main() -> None:
     for hidden in args.hidden:
         for count in args.members:
             rows[(hidden, count)], compiles[(hidden, count)] = bench(spec, hidden, count, args, device)
-            print(f"  measured hidden {hidden}, K {count} ({time.perf_counter() - started:.0f} s, load {os.getloadavg()[0]:.2f})",
-                  flush=True)
+            print(f"  measured hidden {hidden}, K {count} ({time.perf_counter() - started:.0f} s, "
+                  f"load {os.getloadavg()[0]:.2f})", flush=True)
     onednn = device.type == "cpu" and args.onednn
     reference = "cuDNN" if device.type == "cuda" else "nn CPU"
     for clock in clocks:
-        print(f"per-member training steps per second, {clock} clock (medians over {args.repeats} repeats of max({args.steps}, 16/K) steps)")
+        print(f"per-member training steps per second, {clock} clock "
+              f"(medians over {args.repeats} repeats of max({args.steps}, 16/K) steps)")
         header = f"{'hidden':>6} {'K':>3}  {'seq steps/s':>11} {'batched':>9} {'ratio':>6}"
         if onednn:
             header += f"  {'seq oneDNN':>10} {'batched oneDNN':>14} {'ratio':>6}  {'batched oneDNN/default':>22}"
         if args.compile:
             header += f"  {'seq compiled':>12} {'/seq':>6} {'batched compiled':>16} {'/batched':>8}"
         if args.cell in TORCH_CELLS:
-            header += f"  {reference + ' ' + args.cell:>12}" + (f" {'seq compiled/it':>15}" if args.compile else "") + f" {'seq/it':>6}"
+            header += (f"  {reference + ' ' + args.cell:>12}" + (f" {'seq compiled/it':>15}" if args.compile else "")
+                       + f" {'seq/it':>6}")
         print(header)
         for (hidden, count), row in rows.items():
             seq, bat = row[(clock, "sequential", "default")], row[(clock, "batched", "default")]
@@ -320,7 +325,8 @@ def main() -> None:
         amortise, fresh, seen = [], [], set()
         for (hidden, count), seconds in compiles.items():
             row = rows[(hidden, count)]
-            for variant, eager_name, members in (("sequential compiled", "sequential", 1), ("batched compiled", "batched", count)):
+            for variant, eager_name, members in (("sequential compiled", "sequential", 1),
+                                                 ("batched compiled", "batched", count)):
                 if variant not in seconds:
                     continue
                 shape = (variant, hidden, members)
@@ -335,7 +341,8 @@ def main() -> None:
                 fresh.append(seconds[variant])
                 if saved > 0:
                     amortise.append(seconds[variant] / saved)
-                print(f"{label}; step eager {1e3 * eager_step:7.1f} ms, compiled {1e3 * compiled_step:7.1f} ms; amortised after "
+                print(f"{label}; step eager {1e3 * eager_step:7.1f} ms, compiled {1e3 * compiled_step:7.1f} ms; "
+                      "amortised after "
                       + (f"{seconds[variant] / saved:,.0f} steps" if saved > 0 else "never (not faster)"))
         if fresh:
             print(f"compile time: median {statistics.median(fresh):.1f} s over {len(fresh)} compilations "

@@ -72,7 +72,9 @@ def model_flops(layers: int, gates: int, input_size: int, hidden: int, batch: in
     return total
 
 
-def bench_one(kind: str, hidden: int, args: argparse.Namespace, device: torch.device, peak: tuple[float, float]) -> dict:
+def bench_one(
+    kind: str, hidden: int, args: argparse.Namespace, device: torch.device, peak: tuple[float, float]
+) -> dict:
     generator = torch.Generator(device="cpu").manual_seed(hidden)
     torch.manual_seed(hidden)  # nn.GRU/nn.LSTM initialise from the default generator
     reference_class = nn.GRU if kind == "gru" else nn.LSTM
@@ -143,8 +145,12 @@ def main(argv: list[str] | None = None) -> None:
         f"torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}, batch {args.batch}, "
         f"length {args.length}, layers {args.layers}, repeats {args.repeats} (medians)"
     )
-    print(f"measured float32 matmul peak: {peak[0]:.1f} GFLOP/s (wall), {peak[1]:.1f} GFLOP/s (CPU time); baseline: {baseline}")
-    header = f"{'cell':<5} {'hidden':>6} {'clock':>5} {'torch ms':>9} {'compiled ms':>11} {'ratio':>6} {'torch %peak':>11} {'comp %peak':>10} {'spread':>7} {'compile ms':>10}"
+    print(f"measured float32 matmul peak: {peak[0]:.1f} GFLOP/s (wall), {peak[1]:.1f} GFLOP/s (CPU time); "
+          f"baseline: {baseline}")
+    header = (
+        f"{'cell':<5} {'hidden':>6} {'clock':>5} {'torch ms':>9} {'compiled ms':>11} {'ratio':>6} "
+        f"{'torch %peak':>11} {'comp %peak':>10} {'spread':>7} {'compile ms':>10}"
+    )
     print(header)
     for kind in ("gru", "lstm"):
         for hidden in args.hidden:
@@ -152,7 +158,8 @@ def main(argv: list[str] | None = None) -> None:
             for clock in clocks:
                 r = row[clock]
                 print(
-                    f"{row['cell']:<5} {row['hidden']:>6} {clock:>5} {r['reference_ms']:>9.2f} {r['compiled_ms']:>11.2f} "
+                    f"{row['cell']:<5} {row['hidden']:>6} {clock:>5} "
+                    f"{r['reference_ms']:>9.2f} {r['compiled_ms']:>11.2f} "
                     f"{r['ratio']:>5.2f}x {100 * r['reference_peak']:>10.1f}% {100 * r['compiled_peak']:>9.1f}% "
                     f"{100 * r['spread']:>6.0f}% {row['compile_ms']:>10.1f}"
                 )

@@ -53,7 +53,9 @@ def _spec_construction_rate(spec: CellSpec, count: int) -> float:
 
 def run(cell: str, mode: str, count: int, seed: int) -> dict:
     reference = zoo.get(cell)
-    rng = np.random.default_rng(np.random.SeedSequence([seed, zoo.names().index(cell), ("reference", "pool").index(mode)]))
+    rng = np.random.default_rng(
+        np.random.SeedSequence([seed, zoo.names().index(cell), ("reference", "pool").index(mode)])
+    )
     dedup = Deduplicator.from_specs([reference])
     pool = [reference]
     rejected = dict.fromkeys(REJECTION_REASONS, 0)

@@ -9,7 +9,8 @@ Each repeat runs :func:`cellsearch.retrain.retrain` in this process (one torch t
 into fresh directories, alternating which goes first: once with the cell's seeds trained as one
 batched model (the default where it pays) and once with ``batching.enabled`` false (one run per
 seed, one after another). Both write every checkpoint and every output table, so the time is the
-whole retrain's, after one untimed warm-up round of each (code generation happens once per process). The preset is the task's ``quick`` preset (its model size and settings) with a
+whole retrain's, after one untimed warm-up round of each (code generation happens once per
+process). The preset is the task's ``quick`` preset (its model size and settings) with a
 shorter budget (``--epochs`` x ``--steps``), written to a temporary copy of the task file.
 
 This is the one-worker case (``--in-process``, or more cells than Ray slots). With more free slots
@@ -37,7 +38,7 @@ import torch
 import yaml
 
 from cellsearch.batching import BatchingConfig
-from cellsearch.retrain import resolve_source, retrain
+from cellsearch.retrain import RetrainOptions, resolve_source, retrain
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -59,7 +60,8 @@ def bench_task_file(task: str, epochs: int, steps: int, directory: Path) -> Path
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--cell", default="gru")
-    parser.add_argument("--task", default="arithmetic", help="a character task (batching does not pay for PTB on a CPU)")
+    parser.add_argument("--task", default="arithmetic",
+                        help="a character task (batching does not pay for PTB on a CPU)")
     parser.add_argument("--seeds", type=int, default=4)
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--steps", type=int, default=50)
@@ -77,14 +79,14 @@ def main() -> None:
         (scratch / "warm-up").mkdir()
         warm_up = bench_task_file(args.task, 1, 2, scratch / "warm-up")
         for batched in (True, False):
-            retrain(cells, str(warm_up), "bench", scratch / f"warm-up-{batched}", seeds=2, baselines=[], in_process=True,
-                    batching=BatchingConfig(enabled=batched))
+            retrain(cells, str(warm_up), "bench", scratch / f"warm-up-{batched}",
+                    RetrainOptions(seeds=2, baselines=(), in_process=True, batching=BatchingConfig(enabled=batched)))
         for repeat in range(args.repeats):
             for batched in ((True, False) if repeat % 2 == 0 else (False, True)):
                 out = scratch / f"{'batched' if batched else 'separate'}-{repeat}"
                 start = time.perf_counter()
-                results = retrain(cells, str(task_file), "bench", out, seeds=args.seeds, baselines=[], in_process=True,
-                                  batching=BatchingConfig(enabled=batched))
+                results = retrain(cells, str(task_file), "bench", out, RetrainOptions(
+                    seeds=args.seeds, baselines=(), in_process=True, batching=BatchingConfig(enabled=batched)))
                 times[batched].append(time.perf_counter() - start)
                 tables[batched] = results.runs
             print(f"repeat {repeat + 1}: batched {times[True][-1]:.1f} s, separate {times[False][-1]:.1f} s",

@@ -25,7 +25,7 @@ _LAZY = {
     "train_and_evaluate": ("cellsearch.training", "train_and_evaluate"),
     "get_task": ("cellsearch.tasks", "get_task"),
     "load_run": ("cellsearch.results", "load_run"),
-    "load_model": ("cellsearch.checkpoint", "load_model"),
+    "load_model": ("cellsearch.training.checkpoint", "load_model"),
 }
 
 

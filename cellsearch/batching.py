@@ -1,6 +1,6 @@
 """The switch for batched training (torch-free, so that configs can name it without importing torch).
 
-:class:`BatchingConfig` is read by :func:`cellsearch.batched_training.train_settings`, by the
+:class:`BatchingConfig` is read by :func:`cellsearch.training.groups.train_settings`, by the
 search's unit of work (``batching:`` in a search config) and by ``cellsearch train --sample N``.
 """
 
@@ -27,7 +27,8 @@ class BatchingConfig:
     """Whether and how settings of one cell train as one batched model."""
 
     enabled: bool = option(True, "train same-shape settings of a cell as one batched model (results equal, faster)")
-    max_members: int = option(20, "largest group trained as one model; larger groups are split", check=lambda n: n >= 1, rule=">= 1")
+    max_members: int = option(20, "largest group trained as one model; larger groups are split",
+                              check=lambda n: n >= 1, rule=">= 1")
     when: Literal["pays", "always"] = option(
         "pays", "pays: on a CPU, groups whose softmax layer outweighs their cells train one by one (no gain there); "
         "always: batch every group of two or more"
@@ -41,19 +42,20 @@ class BatchingConfig:
         "on = always; off = never"
     )
     compile_min_steps: int = option(
-        30_000, "with compile: auto, the planned steps from which compiling a group pays (compile seconds / seconds saved "
-        "per step; measured on a CPU, see compile_decision)", check=lambda n: n >= 1, rule=">= 1"
+        30_000, "with compile: auto, the planned steps from which compiling a group pays (compile seconds / seconds "
+        "saved per step; measured on a CPU, see compile_decision)", check=lambda n: n >= 1, rule=">= 1"
     )
 
     def compile_decision(self, device_type: str, planned_steps: int, hidden_size: int,
                          max_seconds: float | None = None) -> tuple[bool, str]:
-        """Whether a group of ``planned_steps`` training steps of width ``hidden_size`` on ``device_type`` runs compiled, and why.
+        """Whether a group of ``planned_steps`` training steps of width ``hidden_size`` on ``device_type`` runs
+        compiled, and why.
 
         ``on`` and ``off`` decide alone. ``auto`` compiles a group planned to run at least
         ``compile_min_steps`` steps (``max_epochs * steps_per_epoch``, capped by ``max_steps``)
         whose wall-clock cap ``max_seconds``, if any, is at least :data:`AUTO_MIN_CAP_SECONDS`, on a
         CPU at widths up to :data:`CPU_COMPILE_MAX_WIDTH` (32), and not on CUDA (see below): compilation
-        (:mod:`cellsearch.compiler.capture`) costs minutes per cell and shape, paid again in every
+        (:mod:`cellsearch.training.capture`) costs minutes per cell and shape, paid again in every
         process and for every cell, and must be earned back by faster steps.
 
         The figures behind the rule (``benchmarks/batched.py``, CPU, one thread, torch 2.13, gru,

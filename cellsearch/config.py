@@ -171,7 +171,9 @@ def from_mapping(cls: type[T], data: Any, prefix: str = "") -> T:
         value = _coerce(value, hints[name], key)
         check = fields[name].metadata.get("check")
         if check is not None and not check(value):
-            raise ConfigError(f"{key}: {shown(value)} is out of range ({fields[name].metadata.get('rule') or 'invalid'})")
+            raise ConfigError(
+                f"{key}: {shown(value)} is out of range ({fields[name].metadata.get('rule') or 'invalid'})"
+            )
         values[name] = value
     try:
         return cls(**values)

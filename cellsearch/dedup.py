@@ -122,7 +122,9 @@ def _quantised(values: np.ndarray) -> bytes:
 
 
 @functools.lru_cache(maxsize=16384)
-def _weights(key: bytes, rank: int, operand_keys: tuple[bytes, ...], bias: float, diag: float) -> tuple[tuple[np.ndarray, ...], np.ndarray]:
+def _weights(
+    key: bytes, rank: int, operand_keys: tuple[bytes, ...], bias: float, diag: float
+) -> tuple[tuple[np.ndarray, ...], np.ndarray]:
     """The matrices (one per operand, in ``operand_keys`` order) and bias of a linear node with functional ``key``."""
     base = key + rank.to_bytes(4, "little")
     bound = 1.0 / math.sqrt(PROBE_WIDTH)

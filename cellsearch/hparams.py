@@ -67,9 +67,14 @@ class HyperParams:
     max_grad_norm: float = option(5.0, "gradient-norm clipping threshold", check=_scale, rule=_SCALE_RULE)
     num_layers: int = option(1, "stacked cell layers", check=lambda n: 1 <= n <= 16, rule="1..16")
     parameter_budget: int = option(
-        100_000, "total learned parameters (embedding + cells + softmax); fixes the width", check=lambda n: n > 0, rule="> 0"
+        100_000,
+        "total learned parameters (embedding + cells + softmax); fixes the width",
+        check=lambda n: n > 0,
+        rule="> 0",
     )
-    dropout: float = option(0.0, "dropout between layers and before the softmax", check=lambda p: 0 <= p < 1, rule="0 <= p < 1")
+    dropout: float = option(
+        0.0, "dropout between layers and before the softmax", check=lambda p: 0 <= p < 1, rule="0 <= p < 1"
+    )
 
     def to_dict(self) -> dict[str, Any]:
         return to_mapping(self)
@@ -95,11 +100,19 @@ _CHOICES_RULE = "a non-empty list without repeats"
 class HyperParameterSpace:
     """The discrete choices for every field of :class:`HyperParams` (defaults: the paper's lists)."""
 
-    init_scale: tuple[float, ...] = option((0.3, 0.7, 1.0, 1.4, 2.0, 2.8), "the paper's list", check=_nonempty, rule=_CHOICES_RULE)
-    learning_rate: tuple[float, ...] = option((0.1, 0.2, 0.3, 0.5, 1.0, 2.0, 5.0), "the paper's list", check=_nonempty, rule=_CHOICES_RULE)
-    max_grad_norm: tuple[float, ...] = option((1.0, 2.5, 5.0, 10.0, 20.0), "the paper's list", check=_nonempty, rule=_CHOICES_RULE)
+    init_scale: tuple[float, ...] = option(
+        (0.3, 0.7, 1.0, 1.4, 2.0, 2.8), "the paper's list", check=_nonempty, rule=_CHOICES_RULE
+    )
+    learning_rate: tuple[float, ...] = option(
+        (0.1, 0.2, 0.3, 0.5, 1.0, 2.0, 5.0), "the paper's list", check=_nonempty, rule=_CHOICES_RULE
+    )
+    max_grad_norm: tuple[float, ...] = option(
+        (1.0, 2.5, 5.0, 10.0, 20.0), "the paper's list", check=_nonempty, rule=_CHOICES_RULE
+    )
     num_layers: tuple[int, ...] = option((1, 2, 3, 4), "the paper's list", check=_nonempty, rule=_CHOICES_RULE)
-    parameter_budget: tuple[int, ...] = option((100_000,), "per task (set in the task file)", check=_nonempty, rule=_CHOICES_RULE)
+    parameter_budget: tuple[int, ...] = option(
+        (100_000,), "per task (set in the task file)", check=_nonempty, rule=_CHOICES_RULE
+    )
     dropout: tuple[float, ...] = option((0.0,), "only the PTB task varies it", check=_nonempty, rule=_CHOICES_RULE)
 
     def __post_init__(self) -> None:

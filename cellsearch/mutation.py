@@ -42,12 +42,20 @@ when it changed nothing (the child's canonical hash equals the parent's), when
 the child is invalid (for example ``x`` or a state is no longer read), when it
 is degenerate (followed back through time, the output state never depends on
 ``x`` or on one of the states: ``h' = sigmoid(h)``, or a state that is updated
-but never reaches the output; or a node is ``sub(a, a)``, identically zero), when it has more nodes than ``max_nodes``, or fewer ``linear`` nodes than ``min_linear``
-(by default a child must keep at least one learned matrix; the paper does not
-say, but a cell without one has nothing to learn in its recurrence). After ``max_attempts`` rejections
+but never reaches the output; or a node is ``sub(a, a)``, identically zero),
+when it has more nodes than ``max_nodes``, or fewer ``linear`` nodes than
+``min_linear`` (by default a child must keep at least one learned matrix; the
+paper does not say, but a cell without one has nothing to learn in its
+recurrence). After ``max_attempts`` rejections
 :class:`MutationError` names the parent. The function is pure: the parent is an
 immutable :class:`CellSpec` and all randomness comes from the ``rng`` argument,
 so the same parent, seed and config give the same child.
+
+The module is kept whole, above the project's usual length: the paper's five
+operators share the working graph (``_Draft``), the random draws and the
+applicability rules; the rejection checks run on that same draft; and every
+operator writes the :class:`Operation` record that :class:`Mutation` keeps, so
+the procedure described above reads in one place.
 """
 
 from __future__ import annotations
@@ -133,11 +141,21 @@ def _non_negative(value: float) -> bool:
 class OperatorWeights:
     """Relative probability of each transformation among those that apply to a node (0 disables it)."""
 
-    activation: float = option(1.0, "the paper draws uniformly among applicable transformations", check=_non_negative, rule=">= 0")
-    elementwise: float = option(1.0, "the paper draws uniformly among applicable transformations", check=_non_negative, rule=">= 0")
-    insert: float = option(1.0, "the paper draws uniformly among applicable transformations", check=_non_negative, rule=">= 0")
-    remove: float = option(1.0, "the paper draws uniformly among applicable transformations", check=_non_negative, rule=">= 0")
-    combine: float = option(1.0, "the paper draws uniformly among applicable transformations", check=_non_negative, rule=">= 0")
+    activation: float = option(
+        1.0, "the paper draws uniformly among applicable transformations", check=_non_negative, rule=">= 0"
+    )
+    elementwise: float = option(
+        1.0, "the paper draws uniformly among applicable transformations", check=_non_negative, rule=">= 0"
+    )
+    insert: float = option(
+        1.0, "the paper draws uniformly among applicable transformations", check=_non_negative, rule=">= 0"
+    )
+    remove: float = option(
+        1.0, "the paper draws uniformly among applicable transformations", check=_non_negative, rule=">= 0"
+    )
+    combine: float = option(
+        1.0, "the paper draws uniformly among applicable transformations", check=_non_negative, rule=">= 0"
+    )
 
     def __post_init__(self) -> None:
         for kind in OPERATORS:
@@ -195,12 +213,15 @@ class MutationConfig:
         # Direct construction skips from_mapping's checks; repeat the ones that matter.
         if not _valid_activations(tuple(self.activations)):
             raise ConfigError("activations: non-empty, distinct entries from tanh, sigmoid, relu, identity, linear(A)")
-        if not self.elementwise or not set(self.elementwise) <= set(ELEMENTWISE) or len(set(self.elementwise)) != len(self.elementwise):
+        if (not self.elementwise or not set(self.elementwise) <= set(ELEMENTWISE)
+                or len(set(self.elementwise)) != len(self.elementwise)):
             raise ConfigError(f"elementwise: non-empty, distinct entries from {', '.join(ELEMENTWISE)}")
         object.__setattr__(self, "activations", tuple(self.activations))
         object.__setattr__(self, "elementwise", tuple(self.elementwise))
         object.__setattr__(self, "_templates", tuple(parse_activation(a) for a in self.activations))
-        object.__setattr__(self, "_weight_of", MappingProxyType({k: float(getattr(self.weights, k)) for k in OPERATORS}))
+        object.__setattr__(
+            self, "_weight_of", MappingProxyType({k: float(getattr(self.weights, k)) for k in OPERATORS})
+        )
 
     @property
     def activation_templates(self) -> tuple[Node, ...]:

@@ -44,6 +44,7 @@ import pandas as pd
 
 from cellsearch.errors import UserError
 from cellsearch.outputs import output_directory
+from cellsearch.scoring import cell_score, task_ratio
 
 __all__ = ["write_report", "best_vs_evaluations", "filter_statistics", "lineage_table", "ReportFiles"]
 
@@ -76,16 +77,14 @@ def best_vs_evaluations(run, cells: pd.DataFrame) -> pd.DataFrame:
     running_best = math.nan
     rows = []
     for number, row in enumerate(evaluations.itertuples(index=False), start=1):
-        if row.task in tasks and row.cell != reference:
+        if row.task in tasks and row.cell != reference and row.status != "pruned":
             key = (row.cell, row.task)
             score = float(row.score) if row.score is not None and not pd.isna(row.score) else 0.0
             best[key] = max(best.get(key, -math.inf), score)
             if all((row.cell, task) in best for task in tasks):
-                ratios = [best[(row.cell, task)] / reference_best[task] if reference_best.get(task) else math.nan
-                          for task in tasks]
-                cell_score = min(ratios)
-                if not math.isnan(cell_score) and (math.isnan(running_best) or cell_score > running_best):
-                    running_best = cell_score
+                ratio = cell_score(task_ratio(best[(row.cell, task)], reference_best.get(task)) for task in tasks)
+                if not math.isnan(ratio) and (math.isnan(running_best) or ratio > running_best):
+                    running_best = ratio
         rows.append({"evaluations": number, "cell": row.cell, "task": row.task, "best_score": running_best})
     return pd.DataFrame(rows, columns=["evaluations", "cell", "task", "best_score"])
 
@@ -158,7 +157,8 @@ def _plot_best(curve: pd.DataFrame, reference_cell: str, path: Path) -> None:
     plt = _pyplot()
     figure, axis = plt.subplots(figsize=(7, 4))
     if curve["best_score"].notna().any():
-        axis.step(curve["evaluations"], curve["best_score"], where="post", label="best cell so far (reference excluded)")
+        axis.step(curve["evaluations"], curve["best_score"], where="post",
+                  label="best cell so far (reference excluded)")
     else:
         axis.text(0.5, 0.5, "no candidate scored on every task yet", ha="center", va="center",
                   transform=axis.transAxes)
@@ -228,7 +228,28 @@ img { max-width: 100%; border: 1px solid #eee; }
 # ------------------------------------------------------------------------------- main
 def write_report(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None,
                  retrain_dir: str | os.PathLike | None = None, top: int = 10, drawn: int = 5,
-                 lineages: int = 3) -> ReportFiles:
+                 lineages: int = 3, force: bool = False) -> ReportFiles:
+    """Write the report of the search in ``run_dir`` into ``out_dir`` (default ``RUN_DIR/report``), atomically.
+
+    The report is written into a fresh folder next to ``out_dir`` that then takes its place
+    (:func:`cellsearch.outputs.replaced_directory`): an earlier report there is replaced as a whole, a
+    folder that is not a report is refused unless ``force``. See :func:`_write_report` for the rest.
+    """
+    from cellsearch.outputs import replaced_directory
+    from cellsearch.search.run import read_run_info
+
+    if top < 1 or drawn < 0 or lineages < 0:
+        raise UserError("--top must be at least 1; --drawn and --lineages at least 0")
+    read_run_info(run_dir)  # not a run directory: refused before anything is written
+    target = Path(out_dir) if out_dir is not None else Path(run_dir) / "report"
+    with replaced_directory(target, "cellsearch report", "report folder", force=force) as staging:
+        written = _write_report(run_dir, staging, retrain_dir, top=top, drawn=drawn, lineages=lineages)
+    return ReportFiles(target, written.files)
+
+
+def _write_report(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None,
+                  retrain_dir: str | os.PathLike | None = None, top: int = 10, drawn: int = 5,
+                  lineages: int = 3) -> ReportFiles:
     """Write the report of the search in ``run_dir`` (and of a retrain) into ``out_dir``; see the module doc.
 
     ``top`` cells go in the leaderboard table of the page (the CSV holds all),

@@ -21,9 +21,15 @@ import sqlalchemy as sa
 
 from cellsearch.config import from_mapping
 from cellsearch.errors import UserError
-from cellsearch.search.storage import PARAMETER_WIDTH
+from cellsearch.scoring import cell_score, task_ratio
+from cellsearch.search.confirmation import confirm, pairs_by_task
+from cellsearch.search.storage import CELLS, EVALUATIONS, PARAMETER_WIDTH, POPULATION, RUN, STEPS, UNITS
 
-__all__ = ["SearchRun", "load_run", "PARAMETER_WIDTH"]
+__all__ = ["SearchRun", "load_run", "PARAMETER_WIDTH", "CONFIRMATION_COLUMNS"]
+
+#: The columns :meth:`SearchRun.confirmations` adds to :meth:`SearchRun.cells`.
+CONFIRMATION_COLUMNS = ["confirmed", "confirm_ratio", "confirm_low", "confirm_high", "confirm_task", "confirm_pairs",
+                        "score_mean", "score_spread"]
 
 
 def load_run(path: str | Path) -> "SearchRun":
@@ -37,7 +43,7 @@ class SearchRun:
     def __init__(self, path: str | Path):
         from cellsearch.search.config import SearchConfig
         from cellsearch.search.run import read_run_info
-        from cellsearch.search.storage import connect_url, make_engine, sqlite_path, sqlite_url
+        from cellsearch.search.storage import connect_url, make_engine, one_line_errors, sqlite_path, sqlite_url
         from cellsearch import zoo
 
         self.path = Path(path)
@@ -51,8 +57,13 @@ class SearchRun:
         else:
             # The stored URL has no password: connect_url adds $CELLSEARCH_STORAGE_URL's (or libpq finds one).
             self.engine = make_engine(connect_url(info["storage"]))
+        # a damaged database (random bytes, truncated, 0 bytes, a dropped table) is one line, here and in every read
+        one_line_errors(self.engine, f"the run database of {self.path}")
         with self.engine.connect() as connection:
-            row = connection.execute(sa.text("SELECT config_yaml, versions_json FROM cs_run")).first()
+            row = connection.execute(sa.select(RUN.c.config_yaml, RUN.c.versions_json)).first()
+        if row is None:
+            raise UserError(f"the run database of {self.path} holds no run (its first start was interrupted); "
+                            f"`cellsearch resume {self.path}` finishes creating it")
         import yaml
 
         self.config: SearchConfig = from_mapping(SearchConfig, yaml.safe_load(row[0]))
@@ -63,13 +74,15 @@ class SearchRun:
     def close(self) -> None:
         self.engine.dispose()
 
-    def _read(self, query: str, **params: Any) -> pd.DataFrame:
+    def _read(self, query: sa.Select) -> pd.DataFrame:
         with self.engine.connect() as connection:
-            return pd.read_sql(sa.text(query), connection, params=params)
+            return pd.read_sql(query, connection)
 
     def best_scores(self) -> pd.DataFrame:
-        """Best score per cell (rows) and task (columns), over every committed evaluation."""
-        evaluations = self._read("SELECT cell_hash, task, score FROM cs_evaluations")
+        """Best score per cell (rows) and task (columns), over every committed evaluation except pruned settings
+        (their scores are partial: see :meth:`cellsearch.search.storage.RunStorage.best_scores`)."""
+        evaluations = self._read(sa.select(EVALUATIONS.c.cell_hash, EVALUATIONS.c.task, EVALUATIONS.c.score)
+                                 .where(EVALUATIONS.c.status != "pruned"))
         table = evaluations.pivot_table(index="cell_hash", columns="task", values="score", aggfunc="max")
         return table.reindex(columns=list(self.config.all_tasks))
 
@@ -91,28 +104,65 @@ class SearchRun:
         unless evaluated on every task), ``evaluations``. Sorted by score, best first. ``attrs`` holds
         the reference cell's current best per task.
         """
-        cells = self._read("SELECT hash, name, parent_hash AS parent, step_created, node_count AS nodes, "
-                           "params_per_width, status, rejected_by, duplicate_of, mutation_json FROM cs_cells")
+        c = CELLS.c
+        cells = self._read(sa.select(c.hash, c.name, c.parent_hash.label("parent"), c.step_created,
+                                     c.node_count.label("nodes"), c.params_per_width, c.status, c.rejected_by,
+                                     c.duplicate_of, c.mutation_json))
         cells["short_hash"] = cells["hash"].str[:12]
         best = self.best_scores()
         reference = self.reference_best()
         tasks = list(self.tasks)
-        ratios = best[tasks].div(reference, axis="columns") if len(best) else best[tasks]
+        # one definition of the ratio and the score (cellsearch.scoring), cell by cell
+        ratios = pd.DataFrame({task: [task_ratio(value, reference.get(task)) for value in best[task]]
+                               for task in tasks}, index=best.index, dtype=float)
         per_task = pd.concat([best.add_prefix("best_"), ratios.add_prefix("ratio_")], axis="columns")
-        counts = self._read("SELECT cell_hash, COUNT(*) AS evaluations FROM cs_evaluations GROUP BY cell_hash")
+        counts = self._read(sa.select(EVALUATIONS.c.cell_hash, sa.func.count().label("evaluations"))
+                            .group_by(EVALUATIONS.c.cell_hash))
         table = (cells
                  .merge(per_task, left_on="hash", right_index=True, how="left")
                  .merge(counts, left_on="hash", right_on="cell_hash", how="left").drop(columns=["cell_hash"]))
-        table["score"] = table[[f"ratio_{task}" for task in tasks]].min(axis="columns", skipna=False)
+        table["score"] = [cell_score(row) for row in table[[f"ratio_{task}" for task in tasks]].itertuples(index=False)]
+        table["score"] = table["score"].astype(float)
         table["evaluations"] = table["evaluations"].fillna(0).astype(int)
+        table = table.merge(self.confirmations(), left_on="hash", right_index=True, how="left")
         order = ["hash", "short_hash", "name", "parent", "step_created", "nodes", "params_per_width", "status",
                  "rejected_by", "duplicate_of", *[f"best_{t}" for t in self.config.all_tasks],
-                 *[f"ratio_{t}" for t in tasks], "score", "evaluations", "mutation_json"]
+                 *[f"ratio_{t}" for t in tasks], "score", "evaluations", *CONFIRMATION_COLUMNS, "mutation_json"]
         table = table[order].sort_values(["score", "step_created"], ascending=[False, True], na_position="last")
         table = table.reset_index(drop=True)
         table.attrs["reference_cell"] = self.config.reference_cell
         table.attrs["reference_best"] = reference.to_dict()
-        table.attrs["note"] = f"ratios are relative to the current best of the reference cell ({self.config.reference_cell})"
+        table.attrs["note"] = ("ratios are relative to the current best of the reference cell "
+                               f"({self.config.reference_cell})")
+        return table
+
+    def confirmations(self) -> pd.DataFrame:
+        """One row per candidate that went through a confirm step (``confirm_seeds``), indexed by cell hash.
+
+        Columns: ``confirmed`` (True when every task's paired ratio interval lies above 1; NA for a confirm step
+        still running), ``confirm_ratio`` / ``confirm_low`` / ``confirm_high`` (the worst task's paired ratio of
+        means and its 95% Fieller interval), ``confirm_task`` (that task), ``confirm_pairs`` (its seeds trained by
+        both cells), ``score_mean`` / ``score_spread`` (mean and standard deviation over those seeds of the
+        per-seed ratio, candidate / reference, on that task). See :mod:`cellsearch.search.confirmation`.
+        """
+        steps = self._read(sa.select(STEPS.c.step, STEPS.c.cell_hash, STEPS.c.status).where(STEPS.c.kind == "confirm"))
+        rows = []
+        for step in steps.itertuples(index=False):
+            e = EVALUATIONS.c
+            evaluations = self._read(sa.select(e.cell_hash, e.task, e.seed, e.score).where(e.step == step.step))
+            pairs = pairs_by_task(evaluations.to_dict("records"), step.cell_hash, self.reference_hash)
+            outcome = confirm(pairs, self.tasks)
+            ratio, task = outcome.ratio, outcome.worst_task
+            candidate, reference = pairs.get(task, ([], []))
+            per_seed = [c / r for c, r in zip(candidate, reference) if r > 0]
+            rows.append({"hash": step.cell_hash,
+                         "confirmed": outcome.confirmed if step.status == "done" else pd.NA,
+                         "confirm_ratio": ratio.estimate, "confirm_low": ratio.low, "confirm_high": ratio.high,
+                         "confirm_task": task, "confirm_pairs": len(candidate),
+                         "score_mean": float(pd.Series(per_seed).mean()) if per_seed else float("nan"),
+                         "score_spread": float(pd.Series(per_seed).std()) if len(per_seed) > 1 else float("nan")})
+        table = pd.DataFrame(rows, columns=["hash", *CONFIRMATION_COLUMNS]).set_index("hash")
+        table["confirmed"] = table["confirmed"].astype("boolean")
         return table
 
     def population(self) -> pd.DataFrame:
@@ -128,9 +178,11 @@ class SearchRun:
 
     def evaluations(self) -> pd.DataFrame:
         """One row per trained setting: cell, task, every hyperparameter, score, status, duration, node, ..."""
-        rows = self._read("SELECT id, unit_id, step, cell_hash AS cell, task, trial_number, params_json, seed, score, "
-                          "status, duration_s, train_steps, epochs, node_id AS node, worker_pid, hostname, "
-                          "finished_at, metrics_json FROM cs_evaluations ORDER BY id")
+        e = EVALUATIONS.c
+        rows = self._read(sa.select(e.id, e.unit_id, e.step, e.cell_hash.label("cell"), e.task, e.trial_number,
+                                    e.params_json, e.seed, e.score, e.status, e.duration_s, e.train_steps, e.epochs,
+                                    e.node_id.label("node"), e.worker_pid, e.hostname, e.finished_at, e.metrics_json)
+                          .order_by(e.id))
         params = pd.json_normalize([json.loads(text) for text in rows["params_json"]])
         params.index = rows.index
         metrics = pd.json_normalize([json.loads(text) if text else {} for text in rows["metrics_json"]])
@@ -142,21 +194,23 @@ class SearchRun:
 
     def steps(self) -> pd.DataFrame:
         """One row per step: kind, cell, parent, outcome, timing."""
-        table = self._read("SELECT * FROM cs_steps ORDER BY step")
+        table = self._read(sa.select(STEPS).order_by(STEPS.c.step))
         for column in ("started_at", "finished_at"):
             table[column] = pd.to_datetime(table[column], unit="s", utc=True)
         return table
 
     def population_changes(self) -> pd.DataFrame:
         """Population entries and departures, in order."""
-        table = self._read("SELECT step, cell_hash, action, score, at FROM cs_population ORDER BY id")
+        p = POPULATION.c
+        table = self._read(sa.select(p.step, p.cell_hash, p.action, p.score, p.at).order_by(p.id))
         table["at"] = pd.to_datetime(table["at"], unit="s", utc=True)
         return table
 
     def units(self) -> pd.DataFrame:
         """One row per unit of work (pending units are planned but not committed)."""
-        table = self._read("SELECT unit_id, step, stage, cell_hash, task, slot, status, submissions, created_at, "
-                           "finished_at FROM cs_units ORDER BY unit_id")
+        u = UNITS.c
+        table = self._read(sa.select(u.unit_id, u.step, u.stage, u.cell_hash, u.task, u.slot, u.status, u.submissions,
+                                     u.created_at, u.finished_at).order_by(u.unit_id))
         for column in ("created_at", "finished_at"):
             table[column] = pd.to_datetime(table[column], unit="s", utc=True)
         return table
@@ -176,8 +230,7 @@ class SearchRun:
         if not prefix or any(ch not in "0123456789abcdef" for ch in prefix):
             raise UserError(f"{prefix!r} is not a cell hash (hex digits)")
         with self.engine.connect() as connection:
-            rows = connection.execute(sa.text("SELECT * FROM cs_cells WHERE hash LIKE :p"),
-                                      {"p": prefix + "%"}).mappings().all()
+            rows = connection.execute(sa.select(CELLS).where(CELLS.c.hash.startswith(prefix))).mappings().all()
         if not rows:
             raise UserError(f"no cell with hash {prefix} in {self.path}")
         if len(rows) > 1:

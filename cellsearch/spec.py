@@ -34,6 +34,12 @@ not change when nodes are renamed or when the operands of commutative ops
 (``add``, ``mul`` and the operands of a ``linear``) are reordered, and changes
 when anything else does. State names do not enter the hash either; states are
 identified by position (the first is the output).
+
+The module is kept whole, above the project's usual length: validation,
+normalisation (pruning, the topological order) and the canonical hash are one
+contract. The hash is computed once, at construction, from the validated and
+pruned graph and its order, and what it ignores is exactly what the rules above
+define as the same cell.
 """
 
 from __future__ import annotations
@@ -50,6 +56,7 @@ from typing import Any, Iterable, Mapping
 
 import networkx as nx
 
+from cellsearch import render
 from cellsearch.errors import shown
 
 __all__ = [
@@ -135,7 +142,9 @@ def _make_node(name: str, raw: Any) -> Node:
     if isinstance(raw, Node):
         # Fast path for nodes taken from another spec (the mutation engine's case): same rules,
         # without the round trip through plain data.
-        if raw.op in ARITY and isinstance(raw.inputs, tuple) and all(type(i) is str and _NAME.fullmatch(i) for i in raw.inputs):
+        if raw.op in ARITY and isinstance(raw.inputs, tuple) and all(
+            type(i) is str and _NAME.fullmatch(i) for i in raw.inputs
+        ):
             low, high = ARITY[raw.op]
             if low <= len(raw.inputs) and (high is None or len(raw.inputs) <= high) and (
                 raw.op != "linear" or len(set(raw.inputs)) == len(raw.inputs)
@@ -242,7 +251,9 @@ class CellSpec:
             full_order = list(nx.lexicographical_topological_sort(graph))
         except nx.NetworkXUnfeasible:
             cycle = nx.find_cycle(graph)
-            raise CellSpecError(f"node {cycle[0][1]!r}: the graph has a cycle ({' -> '.join(e[0] for e in cycle)} -> {cycle[0][0]})") from None
+            raise CellSpecError(
+                f"node {cycle[0][1]!r}: the graph has a cycle ({' -> '.join(e[0] for e in cycle)} -> {cycle[0][0]})"
+            ) from None
         # Pruning: a node that reaches no output computes nothing the cell returns.
         # A sink fed by every output finds all live values in one traversal.
         sink = ("outputs",)  # a tuple can never clash with a (string) value name
@@ -345,11 +356,15 @@ class CellSpec:
             raise CellSpecError(f"a cell description must be a mapping, got {type(data).__name__}")
         unknown = set(data) - {"format", "name", "states", "nodes", "outputs", "hash"}
         if unknown:
-            raise CellSpecError(f"unknown top-level key(s) {_keys(unknown)}; allowed: format, name, states, nodes, outputs, hash")
+            raise CellSpecError(
+                f"unknown top-level key(s) {_keys(unknown)}; allowed: format, name, states, nodes, outputs, hash"
+            )
         version = data.get("format", _FORMAT_VERSION)
         # type() as well: True == 1.0 == 1, but only the integer 1 is format 1.
         if type(version) is not int or version != _FORMAT_VERSION:
-            raise CellSpecError(f"unsupported cell format {shown(version)}; this version reads format {_FORMAT_VERSION}")
+            raise CellSpecError(
+                f"unsupported cell format {shown(version)}; this version reads format {_FORMAT_VERSION}"
+            )
         for key in ("states", "nodes", "outputs"):
             if key not in data:
                 raise CellSpecError(f"missing top-level key {key!r}")
@@ -445,21 +460,15 @@ class CellSpec:
         A ``linear`` node read only by one activation is folded into it, so a gate
         prints as ``z = sigmoid(W_xz x + W_hz h + b_z)``.
         """
-        from cellsearch.render import equations
-
-        return equations(self)
+        return render.equations(self)
 
     def to_dot(self) -> str:
         """Graphviz DOT text of the graph."""
-        from cellsearch.render import to_dot
-
-        return to_dot(self)
+        return render.to_dot(self)
 
     def draw(self, path: str | Path) -> Path:
         """Draw the graph to a PNG file with matplotlib."""
-        from cellsearch.render import draw_png
-
-        return draw_png(self, Path(path))
+        return render.draw_png(self, Path(path))
 
 
 # ---------------------------------------------------------------------- hashing

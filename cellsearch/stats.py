@@ -22,7 +22,7 @@ from typing import Sequence
 import numpy as np
 
 __all__ = ["Interval", "mean_interval", "kendall_tau", "spearman_rho", "rank_agreement", "RankAgreement",
-           "difference_interval", "wilson_interval", "CONFIDENCE"]
+           "difference_interval", "wilson_interval", "paired_ratio_interval", "CONFIDENCE"]
 
 #: The confidence level of every interval cellsearch reports.
 CONFIDENCE = 0.95
@@ -161,3 +161,41 @@ def wilson_interval(successes: int, trials: int) -> Interval:
 
     result = stats.binomtest(successes, trials).proportion_ci(confidence_level=CONFIDENCE, method="wilson")
     return Interval(successes / trials, float(result.low), float(result.high))
+
+
+def paired_ratio_interval(candidate: Sequence[float], reference: Sequence[float]) -> Interval:
+    """The ratio of means ``mean(candidate) / mean(reference)`` over paired runs (run i of both shares
+    its seed), with Fieller's 95% interval, which uses the pairs' covariance.
+
+    This is how a winner is confirmed: the candidate beats the reference only if ``low > 1``. Fieller's
+    interval is exact for normally distributed pairs and, unlike the delta method, honest when the
+    reference mean is close to zero: when the reference mean is not significantly different from zero
+    the interval is unbounded, returned as ``(-inf, inf)`` (never a confirmation). Fewer than 2 pairs,
+    or a non-finite value, give a NaN interval.
+    """
+    a, b = np.asarray(candidate, dtype=float), np.asarray(reference, dtype=float)
+    if a.shape != b.shape or a.ndim != 1:
+        raise ValueError("candidate and reference must be paired: two sequences of the same length")
+    n = len(a)
+    if n == 0 or not (np.isfinite(a).all() and np.isfinite(b).all()) or b.mean() == 0:
+        return Interval(math.nan, math.nan, math.nan)
+    estimate = float(a.mean() / b.mean())
+    if n < 2:
+        return Interval(estimate, math.nan, math.nan)
+    from scipy import stats
+
+    t = float(stats.t.ppf((1 + CONFIDENCE) / 2, n - 1))
+    covariance = np.cov(a, b, ddof=1) / n  # of the two means
+    va, vb, vab = covariance[0, 0], covariance[1, 1], covariance[0, 1]
+    ma, mb = a.mean(), b.mean()
+    # Fieller: the ratios R with (ma - R mb)^2 <= t^2 (va - 2 R vab + R^2 vb), a quadratic in R.
+    quadratic = mb * mb - t * t * vb
+    linear = ma * mb - t * t * vab
+    constant = ma * ma - t * t * va
+    if quadratic <= 0:
+        return Interval(estimate, -math.inf, math.inf)
+    discriminant = linear * linear - quadratic * constant
+    if discriminant < 0:  # cannot happen when quadratic > 0, up to rounding
+        discriminant = 0.0
+    root = math.sqrt(discriminant)
+    return Interval(estimate, float((linear - root) / quadratic), float((linear + root) / quadratic))

@@ -4,16 +4,20 @@ Every cell reads ``x`` at the hidden width (the model embeds or projects its
 input first). Names and equations follow the paper (Jozefowicz et al., 2015);
 ``gru`` and ``lstm`` follow PyTorch's ``nn.GRU`` / ``nn.LSTM`` exactly, so that
 :meth:`cellsearch.CellRNN.from_torch` can copy their weights.
+
+:func:`resolve_cell` is how commands name a cell: a reference name here, or a cell file.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Mapping
 
+from cellsearch.errors import UserError
 from cellsearch.spec import CellSpec
 
-__all__ = ["get", "names", "REFERENCE_CELLS"]
+__all__ = ["get", "names", "resolve_cell", "REFERENCE_CELLS"]
 
 
 def _lin(*inputs: str, bias: float = 0.0, diag: float = 0.0) -> dict[str, Any]:
@@ -189,3 +193,15 @@ def get(name: str) -> CellSpec:
         data = _CELLS[name]
         _BUILT[name] = CellSpec(states=data["states"], nodes=data["nodes"], outputs=data["outputs"], name=name)
     return _BUILT[name]
+
+
+def resolve_cell(name_or_path: str) -> CellSpec:
+    """A reference cell by name, or a cell file (.json/.yaml/.yml) by path (``train``, ``show``, ``retrain``)."""
+    if name_or_path in _CELLS:
+        return get(name_or_path)
+    path = Path(name_or_path)
+    if path.suffix.lower() in (".json", ".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise UserError(f"no cell file at {path}")
+        return CellSpec.load(path)
+    raise UserError(f"{name_or_path!r} is neither a reference cell ({', '.join(names())}) nor a cell file")

@@ -54,3 +54,10 @@ def ray_address():
     yield ray.get_runtime_context().gcs_address
     if started:
         ray.shutdown()
+
+
+def pytest_collection_modifyitems(config, items):
+    """A test that uses the session's Ray instance is slow (Ray start-up, workers), marked or not."""
+    for item in items:
+        if "ray_address" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)

@@ -11,21 +11,22 @@ import pytest
 import torch
 
 from cellsearch import mutate, zoo
-from cellsearch.batched_training import (
-    BatchingConfig,
+from cellsearch.batching import BatchingConfig
+from cellsearch.compiler import CellRNN, build_plan
+from cellsearch.compiler.batched import BatchedCellRNN, batched_source, table_source
+from cellsearch.compiler.onednn import TOLERANCE_FACTOR, verify_route
+from cellsearch.model import BatchedSequenceModel, SequenceModel
+from cellsearch.tasks import get_task
+from cellsearch.training import (
     GroupMember,
     batching_pays,
     configure_cpu_matmul,
     group_by_shape,
     shape_key,
+    train_and_evaluate,
     train_group,
     train_settings,
 )
-from cellsearch.compiler import CellRNN, build_plan
-from cellsearch.compiler.batched import BatchedCellRNN, BatchedSequenceModel, batched_source, table_source
-from cellsearch.compiler.onednn import TOLERANCE_FACTOR, verify_route
-from cellsearch.tasks import get_task
-from cellsearch.training import SequenceModel, train_and_evaluate
 
 TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-10}
 
@@ -37,9 +38,11 @@ def _members_and_data(spec, dtype):
     """Separate cells and data for the equality test; small weights and inputs (mutated cells may be unbounded)."""
     generator = torch.Generator().manual_seed(11)
     members, steps, batch, input_size, hidden, layers = SIZES.values()
-    rnns = [CellRNN(spec, input_size, hidden, layers, init_scale=0.5, generator=generator).to(dtype) for _ in range(members)]
+    rnns = [CellRNN(spec, input_size, hidden, layers, init_scale=0.5, generator=generator).to(dtype)
+            for _ in range(members)]
     inputs = 0.5 * torch.randn(members, steps, batch, input_size, generator=generator, dtype=dtype)
-    initial = tuple(0.5 * torch.randn(members, layers, batch, hidden, generator=generator, dtype=dtype) for _ in spec.states)
+    initial = tuple(0.5 * torch.randn(members, layers, batch, hidden, generator=generator, dtype=dtype)
+                    for _ in spec.states)
     return rnns, inputs, initial, generator
 
 
@@ -189,7 +192,8 @@ def test_generated_source_of_an_unknown_form_is_refused():
     source = build_plan(zoo.get("gru"), project_input=False).source
     assert "baddbmm" not in batched_source(source)  # the rewrite is of shapes; addmm is bound in the namespace
     with pytest.raises(ValueError, match="unknown form"):
-        batched_source(source.replace("unsafe_split(hidden, 1)", "unsafe_split(hidden, 1)[::-1]").replace(", -1)", ", 1)"))
+        batched_source(source.replace("unsafe_split(hidden, 1)", "unsafe_split(hidden, 1)[::-1]")
+                       .replace(", -1)", ", 1)"))
     with pytest.raises(ValueError, match="unexpected name"):
         batched_source(source + "    open(x)\n")
 
@@ -231,7 +235,8 @@ def memorize():
 
 
 def _assert_same_run(batched, alone, what):
-    assert (batched.status, batched.steps, batched.epochs, batched.seed) == (alone.status, alone.steps, alone.epochs, alone.seed), what
+    assert ((batched.status, batched.steps, batched.epochs, batched.seed)
+            == (alone.status, alone.steps, alone.epochs, alone.seed)), what
     assert batched.hparams == alone.hparams and batched.hidden_size == alone.hidden_size, what
     assert batched.score == pytest.approx(alone.score, rel=1e-6, abs=1e-9), what
     assert batched.metrics.keys() == alone.metrics.keys(), what
@@ -272,7 +277,8 @@ def test_group_of_a_cell_whose_output_ignores_x(memorize):
 
     spec = CellSpec(
         states=["h", "c"],
-        nodes={"a": {"op": "linear", "inputs": ["h"]}, "hn": {"op": "tanh", "inputs": ["a"]}, "cn": {"op": "add", "inputs": ["x", "c"]}},
+        nodes={"a": {"op": "linear", "inputs": ["h"]}, "hn": {"op": "tanh", "inputs": ["a"]},
+               "cn": {"op": "add", "inputs": ["x", "c"]}},
         outputs={"h": "hn", "c": "cn"},
     )
     base = memorize.default_hparams("smoke")
@@ -288,7 +294,8 @@ def test_group_with_dropout_layers_early_stops_and_test_metrics(memorize):
     """Members stop at different epochs (their own decay) and are scored on the test split with their best weights."""
     spec = zoo.get("mut1")
     base = memorize.default_hparams("smoke").replace(num_layers=2, dropout=0.3)
-    budget = memorize.budget("smoke").replace(evaluate_test=True, max_epochs=6, steps_per_epoch=3, patience=1, decay_epochs=1)
+    budget = memorize.budget("smoke").replace(evaluate_test=True, max_epochs=6, steps_per_epoch=3, patience=1,
+                                              decay_epochs=1)
     settings = [(0.5, 1.0, 5.0), (5.0, 2.8, 1.0), (0.1, 0.3, 20.0)]
     members = [GroupMember(base.replace(learning_rate=lr, init_scale=s, max_grad_norm=c), seed)
                for seed, (lr, s, c) in enumerate(settings, start=3)]
@@ -349,7 +356,8 @@ def test_out_of_memory_and_wall_clock_cap_are_statuses(memorize):
     assert [(r.status, r.score, r.steps) for r in results] == [("oom", 0.0, 0)] * 2
     budget = memorize.budget("smoke").replace(max_epochs=1000, steps_per_epoch=1000, max_seconds=0.3)
     base = memorize.default_hparams("smoke")
-    results = train_group(spec, memorize, [GroupMember(base, 0), GroupMember(base.replace(learning_rate=0.5), 1)], budget)
+    results = train_group(spec, memorize, [GroupMember(base, 0), GroupMember(base.replace(learning_rate=0.5), 1)],
+                          budget)
     for result in results:
         assert result.status == "timeout" and "0.3 s" in result.message
         assert len(result.curve) == 1 and 0 < result.score == result.curve[0]["score"]
@@ -384,14 +392,16 @@ def test_cpu_matmul_route_is_verified_against_float64():
 
 
 # ----------------------------------------------------------------------------------- integration
+@pytest.mark.slow
 def test_cli_train_samples_settings_batched_or_not_with_the_same_table():
     import json
     import subprocess
     import sys
 
     def train(*extra):
-        done = subprocess.run([sys.executable, "-m", "cellsearch.cli", "train", "gru", "--task", "memorize", "--profile",
-                               "smoke", "--sample", "3", "--set", "max_steps=4", "--json", "--no-progress", *extra],
+        done = subprocess.run([sys.executable, "-m", "cellsearch.cli", "train", "gru", "--task", "memorize",
+                               "--profile", "smoke", "--sample", "3", "--set", "max_steps=4", "--json", "--no-progress",
+                               *extra],
                               capture_output=True, text=True, timeout=120)
         assert done.returncode == 0, done.stderr
         return json.loads(done.stdout)["results"]
@@ -399,7 +409,8 @@ def test_cli_train_samples_settings_batched_or_not_with_the_same_table():
     for ours, theirs in zip(train(), train("--no-batch")):
         assert ours["status"] == theirs["status"] == "ok" and ours["hparams"] == theirs["hparams"]
         assert ours["score"] == pytest.approx(theirs["score"], rel=1e-6)
-        assert [p["train_loss"] for p in ours["curve"]] == pytest.approx([p["train_loss"] for p in theirs["curve"]], rel=1e-5)
+        assert [p["train_loss"] for p in ours["curve"]] == pytest.approx([p["train_loss"] for p in theirs["curve"]],
+                                                                         rel=1e-5)
 
 
 # ------------------------------------------------------------------------------------------- GPU
@@ -430,7 +441,8 @@ def test_search_unit_trains_its_settings_batched_with_the_same_results(memorize)
     base = memorize.default_hparams("smoke")
     settings = tuple(SettingSpec(number, base.replace(learning_rate=lr).to_dict(), 100 + number)
                      for number, lr in enumerate((0.2, 1.0, 5.0)))
-    unit = UnitSpec(unit_id=1, cell=zoo.get("lstm").to_dict(), task="memorize", budget_profile="smoke", settings=settings)
+    unit = UnitSpec(unit_id=1, cell=zoo.get("lstm").to_dict(), task="memorize", budget_profile="smoke",
+                    settings=settings)
     batched = run_unit(unit, memorize)
     alone = run_unit(UnitSpec(**{**unit.__dict__, "batching": {"enabled": False}}), memorize)
     assert len(batched) == len(alone) == 3

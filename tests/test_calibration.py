@@ -58,6 +58,7 @@ def test_intervals_on_known_inputs():
     assert stats.wilson_interval(10, 10).low == pytest.approx(0.7225, abs=1e-3)
 
 
+@pytest.mark.slow
 def test_rank_agreement_pairs_seeds():
     rng = np.random.default_rng(0)
     means = np.linspace(0.1, 0.9, 12)
@@ -150,6 +151,7 @@ TINY = ["--task", "memorize", "--cells", "gru,tanh_rnn,lstm_b,lstm_f", "--mutate
         "--no-progress"]
 
 
+@pytest.mark.slow
 def test_cli_in_process_writes_the_tables_and_resumes(tmp_path):
     out = tmp_path / "study"
     first = cellsearch("calibrate", *TINY, "--out", str(out), "--in-process")
@@ -182,6 +184,7 @@ def test_cli_in_process_writes_the_tables_and_resumes(tmp_path):
     (["--task", "memorize", "--budget", "smoke", "--address", "127.0.0.1:1"], "cannot attach to the Ray cluster"),
     (["--task", "memorize", "--budget", "smoke", "--device", "banana"], "banana"),
 ])
+@pytest.mark.slow
 def test_cli_rejects_bad_input_in_one_line(tmp_path, args, words):
     result = cellsearch("calibrate", *args, "--out", str(tmp_path / "s"), "--mutated", "0")
     assert result.returncode == 2, result.stderr
@@ -189,6 +192,7 @@ def test_cli_rejects_bad_input_in_one_line(tmp_path, args, words):
     assert not (tmp_path / "s").exists()  # checked before anything is written
 
 
+@pytest.mark.slow
 def test_cli_refuses_resume_of_a_missing_study(tmp_path):
     result = cellsearch("calibrate", "--resume", str(tmp_path))
     assert result.returncode == 2 and "holds no fidelity study" in result.stderr
@@ -262,6 +266,7 @@ def test_the_readme_budgets_parse():
     assert plan.budget("a1000").group == plan.budget("a4000").group == "a4000"  # one run serves the ladder
 
 
+@pytest.mark.slow
 def test_a_study_keeps_its_budgets_and_cells_when_the_task_file_changes(tmp_path):
     task_file = tmp_path / "memo.yaml"
     task_file.write_text((REPO / "tasks" / "memorize.yaml").read_text())

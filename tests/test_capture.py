@@ -1,4 +1,4 @@
-"""The training step through torch.compile (cellsearch.compiler.capture) equals the eager step, and the switch is typed.
+"""The training step through torch.compile (cellsearch.training.capture) equals the eager step, and the switch is typed.
 
 Compilation is slow on a CPU (inductor: tens of seconds for the smallest model), so the file compiles
 with inductor once (one batched GRU group, module-scoped, on a copy of the memorize task with a
@@ -18,12 +18,19 @@ import pytest
 import torch
 
 from cellsearch import CellSpec, mutate, zoo
-from cellsearch.batched_training import BatchedMembers, BatchingConfig, GroupMember, train_group, train_settings
-from cellsearch.batching import AUTO_MIN_CAP_SECONDS, CPU_COMPILE_MAX_WIDTH
-from cellsearch.compiler.capture import CapturedMembers, build_for, captured_build, compile_options, planned_steps
+from cellsearch.batching import AUTO_MIN_CAP_SECONDS, CPU_COMPILE_MAX_WIDTH, BatchingConfig
 from cellsearch.config import ConfigError
 from cellsearch.tasks import get_task
-from cellsearch.training import SingleMember, run_members, train_and_evaluate
+from cellsearch.training import (
+    BatchedMembers,
+    GroupMember,
+    SingleMember,
+    run_members,
+    train_and_evaluate,
+    train_group,
+    train_settings,
+)
+from cellsearch.training.capture import CapturedMembers, build_for, captured_build, compile_options, planned_steps
 
 TOLERANCE = 1e-5
 
@@ -69,11 +76,13 @@ def inductor_group(tiny):
     """One GRU group trained through inductor (the file's one compilation) and eagerly."""
     wrappers: list[CapturedMembers] = []
     members, budget = _group(tiny), _budget(tiny)
-    compiled = run_members(zoo.get("gru"), tiny, members, budget, "cpu", None, 1, captured_build(BatchedMembers.build, wrappers.append))
+    compiled = run_members(zoo.get("gru"), tiny, members, budget, "cpu", None, 1,
+                           captured_build(BatchedMembers.build, wrappers.append))
     eager = train_group(zoo.get("gru"), tiny, members, budget)
     return compiled, eager, wrappers[0]
 
 
+@pytest.mark.slow
 def test_inductor_group_run_equals_eager(inductor_group):
     compiled, eager, wrapper = inductor_group
     assert [r.status for r in eager] == ["ok", "diverged", "ok", "ok"]
@@ -87,6 +96,7 @@ def test_inductor_group_run_equals_eager(inductor_group):
     assert wrapper.compiled_calls < max(r.steps for r in eager)
 
 
+@pytest.mark.slow
 def test_train_settings_compiles_when_the_switch_is_on_and_equals_eager(tiny, inductor_group):
     """Through the public entry point: same cell and shapes as the fixture, so inductor's graph is reused."""
     _, eager, _ = inductor_group
@@ -121,7 +131,8 @@ def _members_pair(spec, task, hparams, batched: bool):
 
 
 def _steps(members, tokens, steps: int, leave_after: int | None = None):
-    """Training steps as the loop takes them (carried state, per-member updates); a member leaves after ``leave_after``."""
+    """Training steps as the loop takes them (carried state, per-member updates); a member leaves after
+    ``leave_after``."""
     losses_seen, state = [], None
     members.train()
     for step in range(steps):
@@ -140,10 +151,12 @@ def _steps(members, tokens, steps: int, leave_after: int | None = None):
     return losses_seen, weights
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("spec", CELLS, ids=lambda s: s.name or s.short_hash)
 @pytest.mark.parametrize("batched", [False, True], ids=["single", "batched"])
 def test_compiled_steps_equal_eager_steps(tiny, spec, batched):
-    """Losses at every step and weights after four steps (the gradients of all of them went in), a member leaving midway."""
+    """Losses at every step and weights after four steps (the gradients of all of them went in), a member leaving
+    midway."""
     hparams = tiny.default_hparams("smoke").replace(num_layers=2, dropout=0.2)
     eager, wrapped = _members_pair(spec, tiny, hparams, batched)
     captured = CapturedMembers(wrapped, "cpu", backend="aot_eager")
@@ -162,7 +175,8 @@ def test_compiled_steps_equal_eager_steps(tiny, spec, batched):
         torch.testing.assert_close(ours, theirs, rtol=TOLERANCE, atol=TOLERANCE, msg=lambda m: f"step {step}: {m}")
     for index, (ours, theirs) in enumerate(zip(weights, expected_weights)):
         for name, value in theirs.items():
-            torch.testing.assert_close(ours[name], value, rtol=TOLERANCE, atol=TOLERANCE, msg=lambda m: f"member {index} {name}: {m}")
+            torch.testing.assert_close(ours[name], value, rtol=TOLERANCE, atol=TOLERANCE,
+                                       msg=lambda m: f"member {index} {name}: {m}")
 
 
 def test_other_shapes_and_evaluation_run_eagerly_on_the_same_weights(tiny):
@@ -176,13 +190,15 @@ def test_other_shapes_and_evaluation_run_eagerly_on_the_same_weights(tiny):
     short = captured.losses(tokens[:2], tokens[1:3], None, None)[0]  # a shorter last window: eager, no recompile
     assert captured.eager_calls == 1 and captured.compiled_calls == 2
     eager.train()
-    torch.testing.assert_close(short, eager.losses(tokens[:2], tokens[1:3], None, None)[0], rtol=TOLERANCE, atol=TOLERANCE)
+    torch.testing.assert_close(short, eager.losses(tokens[:2], tokens[1:3], None, None)[0],
+                               rtol=TOLERANCE, atol=TOLERANCE)
     captured.eval()
     eager.eval()
     with torch.no_grad():
         held_out = torch.randint(tiny.vocab_size, (4, 20), generator=torch.Generator().manual_seed(5))
         torch.testing.assert_close(captured.losses(held_out[:3], held_out[1:], None, None)[0],
-                                   eager.losses(held_out[:3], held_out[1:], None, None)[0], rtol=TOLERANCE, atol=TOLERANCE)
+                                   eager.losses(held_out[:3], held_out[1:], None, None)[0],
+                                   rtol=TOLERANCE, atol=TOLERANCE)
     assert captured.compiled_calls == 2
 
 
@@ -192,7 +208,8 @@ def test_planned_steps_is_the_loops_total(tiny):
     train_and_evaluate(zoo.get("tanh_rnn"), tiny, tiny.default_hparams("smoke"), budget, 0, progress=events.append)
     assert {e["total_steps"] for e in events} == {planned_steps(tiny, budget)} == {10}
     windows_per_pass = -(-(len(tiny.splits["train"]) // 4 - 1) // 3)
-    assert planned_steps(tiny, budget.replace(steps_per_epoch=None, max_steps=None)) == budget.max_epochs * windows_per_pass
+    assert (planned_steps(tiny, budget.replace(steps_per_epoch=None, max_steps=None))
+            == budget.max_epochs * windows_per_pass)
 
 
 # ------------------------------------------------------------------------------------------ the switch
@@ -233,7 +250,8 @@ def test_the_switch_decides_what_train_group_builds(tiny):
     for config, budget, wrapped in ((BatchingConfig(compile="on"), _budget(tiny), True),
                                     (BatchingConfig(), long, True),  # smoke width, 100,000 planned steps
                                     (BatchingConfig(), _budget(tiny), False),
-                                    (BatchingConfig(), long.replace(max_seconds=0.3), False),  # the wall-clock cap test's budget
+                                    # the wall-clock cap test's budget
+                                    (BatchingConfig(), long.replace(max_seconds=0.3), False),
                                     (BatchingConfig(compile="off"), long, False)):
         with torch.random.fork_rng(devices=[]):
             built = build_for(BatchedMembers.build, config, tiny, budget, cpu)(zoo.get("gru"), tiny, member, cpu)

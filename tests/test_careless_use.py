@@ -32,6 +32,9 @@ from cellsearch.compiler.batched import BatchedCellRNN
 from cellsearch.results import load_run
 from cellsearch.search.storage import sqlite_path, sqlite_url
 
+# careless and concurrent use: subprocesses, real locks, Ray (`-m faults` runs them alone; not in the fast tier)
+pytestmark = pytest.mark.faults
+
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = str(REPO / "search_configs" / "smoke.yaml")
 #: Characters that mean something in a URL: query, fragment, escape (and braces, which Optuna formats).

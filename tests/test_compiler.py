@@ -73,20 +73,25 @@ def _torch_gradient_of(module: nn.RNNBase, layer: int, node: str, operand: str |
 @pytest.mark.parametrize("batch_first", [False, True])
 @pytest.mark.parametrize("input_size", [6, 4])
 @pytest.mark.parametrize("with_state", [False, True])
-def test_from_torch_matches_outputs_states_and_all_gradients(dtype, module_class, num_layers, batch_first, input_size, with_state):
+def test_from_torch_matches_outputs_states_and_all_gradients(
+    dtype, module_class, num_layers, batch_first, input_size, with_state
+):
     hidden = 6
     torch.manual_seed(1234)  # nn.GRU/nn.LSTM draw their weights from torch's default generator
     reference = module_class(input_size, hidden, num_layers, batch_first=batch_first).to(dtype)
     rnn = CellRNN.from_torch(reference)
     assert rnn.spec == zoo.get("gru" if module_class is nn.GRU else "lstm")
-    assert (rnn.batch_first, rnn.num_layers, rnn.input_size, rnn.hidden_size) == (batch_first, num_layers, input_size, hidden)
+    assert (rnn.batch_first, rnn.num_layers, rnn.input_size, rnn.hidden_size) == (
+        batch_first, num_layers, input_size, hidden
+    )
     generator = torch.Generator().manual_seed(7)
     for length in (1, 4, 9):
         batch = 3
         shape = (batch, length, input_size) if batch_first else (length, batch, input_size)
         inputs = torch.randn(shape, generator=generator, dtype=dtype)
         state_count = 1 if module_class is nn.GRU else 2
-        initial = tuple(torch.randn(num_layers, batch, hidden, generator=generator, dtype=dtype) for _ in range(state_count))
+        initial = tuple(torch.randn(num_layers, batch, hidden, generator=generator, dtype=dtype)
+                        for _ in range(state_count))
         results = []
         for module in (reference, rnn):
             module.zero_grad(set_to_none=True)
@@ -110,9 +115,11 @@ def test_from_torch_matches_outputs_states_and_all_gradients(dtype, module_class
                 node = rnn.layers[layer].node(name)
                 for operand in node.operands:
                     expected = _torch_gradient_of(reference, layer, name, operand)
-                    _close(node.weight(operand).grad, expected, dtype, f"layer {layer} {name}.weight_{operand} gradient")
+                    _close(node.weight(operand).grad, expected, dtype,
+                           f"layer {layer} {name}.weight_{operand} gradient")
                     count += 1
-                _close(node.bias.grad, _torch_gradient_of(reference, layer, name, None), dtype, f"layer {layer} {name}.bias gradient")
+                _close(node.bias.grad, _torch_gradient_of(reference, layer, name, None), dtype,
+                       f"layer {layer} {name}.bias gradient")
                 count += 1
         assert count == len(list(rnn.parameters()))
 
@@ -131,7 +138,8 @@ def test_from_torch_copies_weights_to_documented_names():
     assert rnn.weight(0, "r_pre", "x").shape == (4, 5) and rnn.weight(1, "r_pre", "x").shape == (4, 4)
     # The GRU's cell has only linear reads of x: no input projection is created.
     assert not any("input_projection" in name for name in names)
-    assert sum(p.numel() for p in rnn.parameters()) == sum(p.numel() for p in gru.parameters()) - 2 * 2 * 4 * 2 + 2 * 2 * 4 * 1
+    assert (sum(p.numel() for p in rnn.parameters())
+            == sum(p.numel() for p in gru.parameters()) - 2 * 2 * 4 * 2 + 2 * 2 * 4 * 1)
 
 
 def test_from_torch_without_bias_and_rejections():
@@ -220,7 +228,9 @@ def _run_by_hand(rnn: CellRNN, step, inputs: torch.Tensor, initial: tuple[torch.
     return layer_input, tuple(torch.stack([f[i] for f in finals]) for i in range(len(initial)))
 
 
-@pytest.mark.parametrize("name", ["tanh_rnn", "lstm_b", "lstm_f", "lstm_i", "lstm_o", "gru_cho", "mut1", "mut2", "mut3"])
+@pytest.mark.parametrize(
+    "name", ["tanh_rnn", "lstm_b", "lstm_f", "lstm_i", "lstm_o", "gru_cho", "mut1", "mut2", "mut3"]
+)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_cells_match_the_papers_equations(name, dtype):
     spec = zoo.get(name)
@@ -277,7 +287,8 @@ def _random_spec(rng: np.random.Generator) -> CellSpec | None:
         if op == "linear":
             count = int(rng.integers(1, min(3, len(values)) + 1))
             operands = [str(v) for v in rng.choice(values, size=count, replace=False)]
-            nodes[f"n{index}"] = {"op": op, "inputs": operands, "bias": float(rng.choice([0.0, 1.0])), "diag": float(rng.choice([0.0, 0.5]))}
+            nodes[f"n{index}"] = {"op": op, "inputs": operands, "bias": float(rng.choice([0.0, 1.0])),
+                                  "diag": float(rng.choice([0.0, 0.5]))}
         else:
             arity = 1 if op in ACTIVATIONS else 2
             nodes[f"n{index}"] = {"op": op, "inputs": [str(v) for v in rng.choice(values, size=arity)]}
@@ -314,7 +325,8 @@ def _interpret(rnn: CellRNN, inputs: torch.Tensor, initial: tuple[torch.Tensor, 
 
             for name, node in spec.nodes.items():
                 if node.op == "linear":
-                    values[name] = sum(read(o, True) @ rnn.weight(layer, name, o).T for o in node.inputs) + rnn.bias(layer, name)
+                    values[name] = (sum(read(o, True) @ rnn.weight(layer, name, o).T for o in node.inputs)
+                                    + rnn.bias(layer, name))
                 elif node.op == "identity" and node.inputs[0] == "x":
                     values[name] = read("x", False)
                 else:
@@ -339,7 +351,8 @@ def test_random_cells_match_a_naive_interpreter():
         generator = torch.Generator().manual_seed(checked)
         rnn = CellRNN(spec, input_size, hidden, num_layers=layers, init_scale=0.8, generator=generator).double()
         inputs = torch.randn(5, 2, input_size, generator=generator, dtype=torch.float64, requires_grad=True)
-        initial = tuple(torch.randn(layers, 2, hidden, generator=generator, dtype=torch.float64, requires_grad=True) for _ in spec.states)
+        initial = tuple(torch.randn(layers, 2, hidden, generator=generator, dtype=torch.float64, requires_grad=True)
+                        for _ in spec.states)
         output, final = rnn(inputs, initial[0] if len(initial) == 1 else initial)
         expected_output, expected_final = _interpret(rnn, inputs, initial)
         if not all(t.abs().max() < 1e4 for t in (expected_output, *expected_final)):
@@ -350,8 +363,10 @@ def test_random_cells_match_a_naive_interpreter():
             _close(a, b, torch.float64, context)
         names = ["input", *(f"initial {s}" for s in spec.states), *(n for n, _ in rnn.named_parameters())]
         leaves = [inputs, *initial, *rnn.parameters()]
-        compiled = torch.autograd.grad(_loss(output, final, torch.Generator().manual_seed(1)), leaves, allow_unused=True)
-        naive = torch.autograd.grad(_loss(expected_output, expected_final, torch.Generator().manual_seed(1)), leaves, allow_unused=True)
+        compiled = torch.autograd.grad(_loss(output, final, torch.Generator().manual_seed(1)), leaves,
+                                       allow_unused=True)
+        naive = torch.autograd.grad(_loss(expected_output, expected_final, torch.Generator().manual_seed(1)), leaves,
+                                    allow_unused=True)
         for name, a, b in zip(names, compiled, naive):
             if a is None or b is None:  # a value the outputs do not depend on (a state overwritten unread...)
                 assert (a is None or not a.any()) and (b is None or not b.any()), f"{context}: {name}"
@@ -466,7 +481,8 @@ def test_bad_input_and_state_are_rejected_clearly():
 
 
 def test_pickle_deepcopy_and_state_dict_round_trip():
-    rnn = CellRNN(zoo.get("mut3"), 3, 4, num_layers=2, dropout=0.25, batch_first=True, generator=torch.Generator().manual_seed(0))
+    rnn = CellRNN(zoo.get("mut3"), 3, 4, num_layers=2, dropout=0.25, batch_first=True,
+                  generator=torch.Generator().manual_seed(0))
     rnn.generator = None  # torch.Generator does not pickle
     x = torch.randn(2, 5, 3)
     rnn.eval()
@@ -578,20 +594,23 @@ def _check_source(source: str, spec: CellSpec) -> None:
         elif token.type == tokenize.NUMBER:
             assert token.string.isdigit(), f"unexpected number {token.string!r}"
         else:
-            assert token.type in (tokenize.OP, tokenize.NEWLINE, tokenize.NL, tokenize.INDENT, tokenize.DEDENT, tokenize.ENDMARKER), token
+            assert token.type in (tokenize.OP, tokenize.NEWLINE, tokenize.NL, tokenize.INDENT, tokenize.DEDENT,
+                                  tokenize.ENDMARKER), token
     spec_names = set(spec.nodes) | set(spec.states)
     words = set(re.findall(r"[A-Za-z_][A-Za-z0-9_]*", source))
     assert not (spec_names - {"x"}) & words - SOURCE_NAMES
 
 
-HOSTILE = ["__import__", "os", "exec", "eval", "import", "lambda", "def", "return", "None", "True", "self", "forward",
-           "training", "__class__", "__dict__", "weight", "bias", "layer", "states", "record", "cat", "v1", "g0", "k0_0"]
+HOSTILE = ["__import__", "os", "exec", "eval", "import", "lambda", "def", "return", "None", "True", "self",
+           "forward", "training", "__class__", "__dict__", "weight", "bias", "layer", "states", "record", "cat",
+           "v1", "g0", "k0_0"]
 
 
 def _renamed(spec: CellSpec, names: list[str]) -> tuple[CellSpec, dict[str, str]]:
     mapping = dict(zip(spec.nodes, names))
     rename = lambda v: mapping.get(v, v)  # noqa: E731
-    nodes = {mapping[n]: {**node.to_dict(), "inputs": [rename(o) for o in node.inputs]} for n, node in spec.nodes.items()}
+    nodes = {mapping[n]: {**node.to_dict(), "inputs": [rename(o) for o in node.inputs]}
+             for n, node in spec.nodes.items()}
     return CellSpec(states=spec.states, nodes=nodes, outputs={s: rename(v) for s, v in spec.outputs.items()}), mapping
 
 
@@ -607,7 +626,9 @@ def test_hostile_names_compile_to_the_same_cell(cell):
             for name, node in spec.nodes.items():
                 if node.op == "linear":
                     for operand in node.inputs:
-                        rnn.weight(layer, mapping[name], mapping.get(operand, operand)).copy_(reference.weight(layer, name, operand))
+                        rnn.weight(layer, mapping[name], mapping.get(operand, operand)).copy_(
+                            reference.weight(layer, name, operand)
+                        )
                     rnn.bias(layer, mapping[name]).copy_(reference.bias(layer, name))
     if cell == "mut2":  # x + ...: a non-linear read of a 4-wide input goes through the projection
         rnn.layers[0].input_projection.load_state_dict(reference.layers[0].input_projection.state_dict())

@@ -49,7 +49,8 @@ EQUIVALENT = {
     ),
     "activation duplicated under two names": (
         _cell({"pre": _lin("x", "h"), "t": _op("tanh", "pre"), "h_new": _op("mul", "t", "t")}),
-        _cell({"pre": _lin("x", "h"), "t": _op("tanh", "pre"), "t2": _op("tanh", "pre"), "h_new": _op("mul", "t", "t2")}),
+        _cell({"pre": _lin("x", "h"), "t": _op("tanh", "pre"), "t2": _op("tanh", "pre"),
+               "h_new": _op("mul", "t", "t2")}),
     ),
     "elementwise node duplicated under two names": (
         _cell({"a": _lin("x"), "s": _op("add", "a", "h"), "t": _op("tanh", "s"), "h_new": _op("mul", "s", "t")}),
@@ -62,16 +63,21 @@ EQUIVALENT = {
                "h_new": _op("add", "t", "zero")}),
     ),
     "sub of equal operands, two different zeros": (
-        _cell({"pre": _lin("x", "h"), "t": _op("tanh", "pre"), "zero": _op("sub", "x", "x"), "h_new": _op("add", "t", "zero")}),
-        _cell({"pre": _lin("x", "h"), "t": _op("tanh", "pre"), "zero": _op("sub", "t", "t"), "h_new": _op("add", "t", "zero")}),
+        _cell({"pre": _lin("x", "h"), "t": _op("tanh", "pre"), "zero": _op("sub", "x", "x"),
+               "h_new": _op("add", "t", "zero")}),
+        _cell({"pre": _lin("x", "h"), "t": _op("tanh", "pre"), "zero": _op("sub", "t", "t"),
+               "h_new": _op("add", "t", "zero")}),
     ),
     "multiplying by a zero": (
-        _cell({"a": _lin("x", "h"), "z": _op("sub", "h", "h"), "m": _op("mul", "a", "z"), "h_new": _op("add", "a", "m")}),
+        _cell({"a": _lin("x", "h"), "z": _op("sub", "h", "h"), "m": _op("mul", "a", "z"),
+               "h_new": _op("add", "a", "m")}),
         _cell({"a": _lin("x", "h")}, outputs={"h": "a"}),
     ),
     "re-associated sum": (
-        _cell({"a": _lin("x"), "b": _lin("h"), "c": _op("tanh", "h"), "ab": _op("add", "a", "b"), "h_new": _op("add", "ab", "c")}),
-        _cell({"a": _lin("x"), "b": _lin("h"), "c": _op("tanh", "h"), "bc": _op("add", "b", "c"), "h_new": _op("add", "a", "bc")}),
+        _cell({"a": _lin("x"), "b": _lin("h"), "c": _op("tanh", "h"), "ab": _op("add", "a", "b"),
+               "h_new": _op("add", "ab", "c")}),
+        _cell({"a": _lin("x"), "b": _lin("h"), "c": _op("tanh", "h"), "bc": _op("add", "b", "c"),
+               "h_new": _op("add", "a", "bc")}),
     ),
     "identity inside an LSTM, downstream of the gate copies": (
         zoo.get("lstm"),
@@ -137,11 +143,12 @@ DIFFERENT = {
         zoo.get("lstm_b"),
         _edit(zoo.get("lstm_b"), fc=_op("mul", "o", "c"), h_new=_op("mul", "f", "c_act")),
     ),
-    "states swapped": (LSTM, CellSpec(states=["h", "c"], nodes=LSTM.to_dict()["nodes"], outputs={"h": "c_new", "c": "h_new"})),
+    "states swapped": (LSTM, CellSpec(states=["h", "c"], nodes=LSTM.to_dict()["nodes"],
+                                      outputs={"h": "c_new", "c": "h_new"})),
     "linear over a copy of its operand vs one operand": (
         _cell({"t": _op("tanh", "h"), "pre": _lin("x", "t"), "h_new": _op("tanh", "pre")}),
-        _cell({"t": _op("tanh", "h"), "t2": _op("tanh", "h"), "p": _lin("t", "t2"), "q": _lin("x"), "pre": _op("add", "p", "q"),
-               "h_new": _op("tanh", "pre")}),
+        _cell({"t": _op("tanh", "h"), "t2": _op("tanh", "h"), "p": _lin("t", "t2"), "q": _lin("x"),
+               "pre": _op("add", "p", "q"), "h_new": _op("tanh", "pre")}),
     ),
 }
 
@@ -165,7 +172,8 @@ def test_every_constant_and_op_of_a_reference_cell_matters(name):
     seen = {base}
     for node_name, node in spec.nodes.items():
         if node.op == "linear":
-            variants = [Node("linear", node.inputs, node.bias + 0.5, node.diag), Node("linear", node.inputs, node.bias, node.diag + 0.5)]
+            variants = [Node("linear", node.inputs, node.bias + 0.5, node.diag),
+                        Node("linear", node.inputs, node.bias, node.diag + 0.5)]
         elif node.op == "sub":
             variants = [Node("sub", node.inputs[::-1]), Node("add", node.inputs)]
         elif node.op in ("add", "mul"):
@@ -211,7 +219,8 @@ def _renamed(spec: CellSpec, rng: np.random.Generator) -> CellSpec:
         inputs = [mapping[i] for i in node.inputs]
         if node.op in COMMUTATIVE:
             inputs = [inputs[i] for i in rng.permutation(len(inputs))]
-        nodes[mapping[names[index]]] = {"op": node.op, "inputs": inputs, "bias": node.bias, "diag": node.diag} if node.op == "linear" else {"op": node.op, "inputs": inputs}
+        nodes[mapping[names[index]]] = ({"op": node.op, "inputs": inputs, "bias": node.bias, "diag": node.diag}
+                                        if node.op == "linear" else {"op": node.op, "inputs": inputs})
     return CellSpec(states=spec.states, nodes=nodes, outputs={s: mapping[v] for s, v in spec.outputs.items()})
 
 
@@ -232,9 +241,11 @@ def _with_identity(spec: CellSpec, rng: np.random.Generator) -> CellSpec:
 
 def _with_parameter_free_copy(spec: CellSpec, rng: np.random.Generator) -> CellSpec | None:
     """A parameter-free node copied under a new name, with some of its readers moved to the copy."""
-    slots = [(user, slot, i) for user, node in spec.nodes.items() for slot, i in enumerate(node.inputs) if i in spec.nodes]
+    slots = [(user, slot, i) for user, node in spec.nodes.items() for slot, i in enumerate(node.inputs)
+             if i in spec.nodes]
     # A node read once would leave its original unused (and pruned): same graph.
-    counts = {i: sum(1 for _, _, j in slots if j == i) + sum(1 for v in spec.outputs.values() if v == i) for _, _, i in slots}
+    counts = {i: sum(1 for _, _, j in slots if j == i) + sum(1 for v in spec.outputs.values() if v == i)
+              for _, _, i in slots}
     readers = [(user, slot) for user, slot, i in slots if spec.nodes[i].op != "linear" and counts[i] > 1]
     if not readers:
         return None

@@ -251,12 +251,13 @@ def test_driver_killed_at_random_moments_and_resumed(tmp_path, ray_address):
 # --------------------------------------------------------------------------------------------- retrain
 def test_retrain_killed_at_random_moments_resumes_to_the_same_result(tmp_path):
     """SIGKILL the retrain CLI at random moments (mid-epoch or not), rerun it: the uninterrupted result."""
-    from cellsearch.retrain import resolve_source, retrain
+    from cellsearch.retrain import RetrainOptions, resolve_source, retrain
 
     args = ["gru", "--task", "memorize", "--preset", "tiny", "--seeds", "2", "--baselines", "lstm_b",
             "--in-process"]
     reference = tmp_path / "reference"
-    retrain(resolve_source("gru"), "memorize", "tiny", reference, seeds=2, baselines=["lstm_b"], in_process=True)
+    retrain(resolve_source("gru"), "memorize", "tiny", reference,
+            RetrainOptions(seeds=2, baselines=("lstm_b",), in_process=True))
     out = tmp_path / "killed"
     rng = random.Random(77)
     kills = mid_training = 0

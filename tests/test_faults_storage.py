@@ -110,47 +110,6 @@ def evaluation(trial: int, score: float = 0.5) -> dict:
             "node_id": "n", "worker_pid": 1, "hostname": "h"}
 
 
-def lose_next_acknowledgement(storage: RunStorage) -> None:
-    """The next commit reaches the database, then its acknowledgement is lost (the error a dropped
-    connection gives). SQLite's own transient error stands in for the network's."""
-    dialect = storage.engine.dialect
-    commit = dialect.do_commit
-
-    def commit_then_fail(dbapi_connection):
-        commit(dbapi_connection)
-        dialect.do_commit = commit
-        raise sqlite3.OperationalError("database is locked")
-
-    dialect.do_commit = commit_then_fail
-
-
-def test_every_write_survives_a_lost_acknowledgement(tmp_path):
-    """A transaction that committed but whose acknowledgement was lost is retried and recognised as done:
-    nothing is applied twice (a unit's evaluations, a step, a population change, the run row)."""
-    logged: list[str] = []
-    storage = RunStorage(sqlite_url(tmp_path / "run.db"), create=True, log=logged.append)
-    try:
-        lose_next_acknowledgement(storage)
-        storage.create_run("r1", "seed: 0\n", {"python": "3"})
-        lose_next_acknowledgement(storage)
-        storage.start_step(0, "seed", "c", None, None)
-        lose_next_acknowledgement(storage)
-        (unit_id,) = storage.add_units([{"step": 0, "stage": 0, "cell_hash": "c", "task": "t", "slot": 0,
-                                         "settings_json": "[]"}])
-        lose_next_acknowledgement(storage)
-        storage.commit_unit(unit_id, 0, "c", "t", [evaluation(0), evaluation(1)])
-        lose_next_acknowledgement(storage)
-        storage.finish_step(0, "seeded", {}, [("c", "enter", 1.0)])
-        assert len(logged) == 5 and all("retry 1 in" in line for line in logged), logged
-        assert storage.counter("next_step") == 1 and len(storage.units_of_step(0)) == 1
-        assert storage.counts()["evaluations"] == 2 and storage.population_entries() == {"c": 0}
-        # A real second commit of the same unit (not a retry) is still refused.
-        with pytest.raises(RuntimeError, match="not pending"):
-            storage.commit_unit(unit_id, 0, "c", "t", [evaluation(0), evaluation(1)])
-    finally:
-        storage.close()
-
-
 def test_transient_errors_are_retried_then_reported_in_one_line(tmp_path):
     # A SQLite file whose write lock another process holds: retried, each retry logged, then one line.
     logged: list[str] = []

@@ -175,12 +175,14 @@ print(digest.hexdigest())
 """
 
 
+@pytest.mark.slow
 def test_same_children_and_fingerprints_in_another_process():
     # Python randomises set and str-hash order per process; nothing may depend on it.
     outputs = set()
     for hash_seed in ("1", "2"):
         env = dict(os.environ, PYTHONHASHSEED=hash_seed)
-        result = subprocess.run([sys.executable, "-c", _CROSS_PROCESS], capture_output=True, text=True, env=env, timeout=120)
+        result = subprocess.run([sys.executable, "-c", _CROSS_PROCESS], capture_output=True, text=True, env=env,
+                                timeout=120)
         assert result.returncode == 0, result.stderr
         outputs.add(result.stdout.strip())
     assert len(outputs) == 1
@@ -207,7 +209,8 @@ def _first_operations(kind: str, count: int = 300):
     return seen
 
 
-ACTIVATION_FORMS = {("tanh", 0.0), ("sigmoid", 0.0), ("relu", 0.0), ("linear", 0.0), ("linear", 1.0), ("linear", 0.9), ("linear", 1.1)}
+ACTIVATION_FORMS = {("tanh", 0.0), ("sigmoid", 0.0), ("relu", 0.0), ("linear", 0.0), ("linear", 1.0), ("linear", 0.9),
+                    ("linear", 1.1)}
 
 
 def _form(node):
@@ -290,7 +293,8 @@ def test_size_limit_is_respected():
 
 
 def test_custom_activation_set():
-    config = from_mapping(MutationConfig, {"activations": ["relu", "linear(-0.5)"], "weights": {"elementwise": 0, "remove": 0, "combine": 0}})
+    config = from_mapping(MutationConfig, {"activations": ["relu", "linear(-0.5)"],
+                                           "weights": {"elementwise": 0, "remove": 0, "combine": 0}})
     for seed in range(100):
         mutation = mutate(zoo.get("gru"), np.random.default_rng(seed), config)
         for op in mutation.operations:
@@ -332,7 +336,8 @@ def test_bad_config_is_rejected_naming_the_key(data, key):
 def test_config_round_trips_through_plain_data():
     from cellsearch.config import to_mapping
 
-    config = from_mapping(MutationConfig, {"weights": {"remove": 0.5}, "activations": ["tanh", "linear(2)"], "max_nodes": 30})
+    config = from_mapping(MutationConfig, {"weights": {"remove": 0.5}, "activations": ["tanh", "linear(2)"],
+                                           "max_nodes": 30})
     assert from_mapping(MutationConfig, json.loads(json.dumps(to_mapping(config)))) == config
 
 
@@ -353,4 +358,5 @@ def test_bad_arguments_are_type_errors():
 def test_lazy_exports():
     import cellsearch
 
-    assert cellsearch.mutate is mutate and cellsearch.Mutation is Mutation and cellsearch.MutationConfig is MutationConfig
+    assert (cellsearch.mutate is mutate and cellsearch.Mutation is Mutation
+            and cellsearch.MutationConfig is MutationConfig)

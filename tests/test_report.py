@@ -15,11 +15,14 @@ from cellsearch.config import from_mapping
 from cellsearch.errors import UserError
 from cellsearch.report import _table_html
 from cellsearch.results import load_run
-from cellsearch.retrain import resolve_source, retrain
+from cellsearch.retrain import RetrainOptions, resolve_source, retrain
 from cellsearch.search.config import SearchConfig
 from cellsearch.search.driver import SearchDriver
 from cellsearch.search.executors import SerialExecutor
 from cellsearch.search.run import create_run, task_loader
+
+# end-to-end: subprocesses, Ray, whole searches (the fast tier, `-m "not slow and not faults"`, skips them)
+pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
 #: Two scored tasks on smoke budgets; no early stop, so candidates pass every task and have lineages to show.
@@ -48,8 +51,8 @@ def search_run(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def retrain_dir(search_run, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("retrain")
-    retrain(resolve_source(str(search_run), top=1), "memorize", "tiny", out, seeds=1, baselines=["lstm_b"],
-            in_process=True)
+    retrain(resolve_source(str(search_run), top=1), "memorize", "tiny", out,
+            RetrainOptions(seeds=1, baselines=("lstm_b",), in_process=True))
     return out
 
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,12 +16,19 @@ import pandas as pd
 import pytest
 import torch
 
+import cellsearch
 from cellsearch import zoo
-from cellsearch.checkpoint import Checkpointer, CheckpointError, load_checkpoint, load_model
+from cellsearch.batching import BatchingConfig
 from cellsearch.errors import UserError
-from cellsearch.retrain import get_preset, load_presets, resolve_source, retrain
+from cellsearch.model import build_model, solve_hidden_size
+from cellsearch.retrain import (
+    RetrainOptions, RunFailure, baseline_cells, get_preset, load_presets, plan_jobs, resolve_source, retrain, run_job,
+)
 from cellsearch.tasks import get_task, task_names
-from cellsearch.training import batchify, build_model, evaluate, solve_hidden_size
+from cellsearch.training import GroupMember, PlateauHalving, batchify, evaluate
+from cellsearch.training.checkpoint import Checkpointer, CheckpointError, load_checkpoint, load_model
+from cellsearch.training.groups import train_group
+from cellsearch.training.loop import _RunState
 
 REPO = Path(__file__).resolve().parents[1]
 TASK, PRESET = "memorize", "tiny"
@@ -28,6 +37,8 @@ ARGS = ["gru", "--task", TASK, "--preset", PRESET, "--seeds", "2", "--baselines"
 #: Columns that must be identical between an interrupted-and-resumed retrain and an uninterrupted one.
 COMPARED = ["cell", "hash", "seed", "status", "hidden_size", "parameter_count", "score", "valid_accuracy",
             "test_accuracy", "valid_loss", "test_loss", "best_epoch", "epochs", "steps"]
+#: How the reference retrain runs (the options ARGS give the CLI).
+OPTIONS = RetrainOptions(seeds=2, baselines=("lstm_b",), in_process=True)
 
 
 def cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -42,11 +53,12 @@ def cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
 def reference_dir(tmp_path_factory) -> Path:
     """An uninterrupted in-process retrain (the ground truth for resume, and checkpoints to reload)."""
     out = tmp_path_factory.mktemp("uninterrupted")
-    retrain(resolve_source("gru"), TASK, PRESET, out, seeds=2, baselines=["lstm_b"], in_process=True)
+    retrain(resolve_source("gru"), TASK, PRESET, out, OPTIONS)
     return out
 
 
 # --------------------------------------------------------------------------------------------- CLI
+@pytest.mark.slow
 def test_cli_retrain_on_ray_end_to_end(tmp_path, ray_address, reference_dir):
     out = tmp_path / "retrain"
     completed = cli("retrain", *ARGS, "--address", ray_address, "--out", str(out))
@@ -75,8 +87,8 @@ def test_cli_retrain_on_ray_end_to_end(tmp_path, ray_address, reference_dir):
 
 KILL_SCRIPT = """
 import os, signal, sys
-from cellsearch.checkpoint import Checkpointer
-from cellsearch.retrain import resolve_source, retrain
+from cellsearch.retrain import RetrainOptions, resolve_source, retrain
+from cellsearch.training.checkpoint import Checkpointer
 out, kind, target = sys.argv[1], sys.argv[2], int(sys.argv[3])
 seen = 0
 def count(what):
@@ -93,7 +105,7 @@ def after(name):
     setattr(Checkpointer, name, wrapped)
 after("save_pending")
 after("promote")
-retrain(resolve_source("gru"), "memorize", "tiny", out, seeds=2, baselines=["lstm_b"], in_process=True,
+retrain(resolve_source("gru"), "memorize", "tiny", out, RetrainOptions(seeds=2, baselines=("lstm_b",), in_process=True),
         progress=lambda event: count(event["kind"]))
 raise SystemExit("the kill point was never reached")
 """
@@ -118,6 +130,7 @@ _MID_EPOCH_STEP = int(np.random.default_rng(6).choice([5, 7, 8, 10, 11]))
     # beside its old one; the commit is finished and both resume from epoch 2.
     ("promote", 3, "gru/seed-0", 2, True),
 ])
+@pytest.mark.slow
 def test_sigkill_and_resume_gives_the_uninterrupted_result(tmp_path, reference_dir, kind, target, resumed_run,
                                                            resumed_epoch, other_pending):
     out = tmp_path / "killed"
@@ -142,6 +155,7 @@ def test_sigkill_and_resume_gives_the_uninterrupted_result(tmp_path, reference_d
     pd.testing.assert_frame_equal(pd.read_csv(out / "curves.csv"), pd.read_csv(reference_dir / "curves.csv"))
 
 
+@pytest.mark.slow
 def test_rerun_with_other_arguments_is_refused(reference_dir):
     completed = cli("retrain", *ARGS[:-4], "--seeds", "3", "--baselines", "lstm_b", "--in-process",
                     "--out", str(reference_dir), check=False)
@@ -151,15 +165,13 @@ def test_rerun_with_other_arguments_is_refused(reference_dir):
 
 
 def test_checkpoint_of_another_cell_is_not_resumed(tmp_path, reference_dir):
-    import shutil
-
     out = tmp_path / "swapped"
     shutil.copytree(reference_dir, out)
     target = out / "runs" / "lstm_b" / "seed-0"
     (target / "result.json").unlink()
     shutil.copy(out / "runs" / "gru" / "seed-0" / "checkpoint.pt", target / "checkpoint.pt")
     with pytest.raises(UserError, match=r"1 retrain run\(s\) failed.*checkpoint of cell gru .* not of lstm_b"):
-        retrain(resolve_source("gru"), TASK, PRESET, out, seeds=2, baselines=["lstm_b"], in_process=True)
+        retrain(resolve_source("gru"), TASK, PRESET, out, OPTIONS)
     # The other runs were left alone.
     assert (out / "runs" / "lstm_b" / "seed-1" / "result.json").is_file()
 
@@ -188,8 +200,6 @@ def test_load_model_round_trip_gives_the_same_outputs(tmp_path):
     checkpointer = Checkpointer(tmp_path / "c.pt", spec, task=TASK, vocab_size=task.vocab_size,
                                 hidden_size=model.hidden_size, hparams=preset.hparams.to_dict(),
                                 budget=preset.budget.to_dict(), seed=0)
-    from cellsearch.training import PlateauHalving, _RunState
-
     checkpointer.save(checkpointer.payload(model.state_dict(), PlateauHalving(1.0), _RunState(), row=0, carried=None,
                                            best_model=None, finished=False, rng={"torch": torch.get_rng_state()}))
     loaded = load_model(tmp_path / "c.pt", device=torch.device("cpu"), weights="last")
@@ -201,8 +211,6 @@ def test_load_model_round_trip_gives_the_same_outputs(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(expected_state, actual_state))
     # The cell alone is a CellRNN with the trained weights.
     assert type(loaded.rnn).__name__ == "CellRNN" and loaded.rnn.hidden_size == model.hidden_size
-    import cellsearch
-
     assert cellsearch.load_model is load_model
 
 
@@ -280,6 +288,7 @@ def test_every_task_has_valid_presets_and_zaremba_sizes_match_the_paper():
     assert medium.hparams.init_scale / np.sqrt(650) == pytest.approx(0.05, rel=1e-3)
 
 
+@pytest.mark.slow
 def test_unknown_preset_and_source_fail_with_one_line(tmp_path):
     completed = cli("retrain", "gru", "--task", TASK, "--preset", "huge", "--in-process", "--out", str(tmp_path),
                     check=False)
@@ -292,10 +301,8 @@ def test_seeds_trained_as_one_batched_model_equal_separate_runs(tmp_path, refere
     """The reference retrain trains each cell's two seeds together; one run per seed gives the same results."""
     plan = json.loads((reference_dir / "plan.json").read_text())
     out = tmp_path / "separate"
-    from cellsearch.batching import BatchingConfig
-
-    retrain(resolve_source("gru"), TASK, PRESET, out, seeds=2, baselines=["lstm_b"], in_process=True,
-            batching=BatchingConfig(enabled=False))
+    retrain(resolve_source("gru"), TASK, PRESET, out,
+            dataclasses.replace(OPTIONS, batching=BatchingConfig(enabled=False)))
     assert json.loads((out / "plan.json").read_text()) == plan  # batching is not part of the plan: either resumes
     separate, together = pd.read_csv(out / "results.csv"), pd.read_csv(reference_dir / "results.csv")
     exact = ["cell", "hash", "seed", "status", "hidden_size", "parameter_count", "best_epoch", "epochs", "steps"]
@@ -309,6 +316,7 @@ def test_seeds_trained_as_one_batched_model_equal_separate_runs(tmp_path, refere
                                rtol=2e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_a_batched_seed_checkpoint_resumes_as_a_separate_run(tmp_path, reference_dir):
     """Each seed of a batched group has a single run's checkpoint: killed mid-group, it resumes with --no-batch."""
     out = tmp_path / "killed"
@@ -325,16 +333,12 @@ def test_a_batched_seed_checkpoint_resumes_as_a_separate_run(tmp_path, reference
 
 def test_jobs_fill_the_executor_slots(tmp_path):
     """A cell's seeds share a job where they train together, split into more jobs when slots would stay idle."""
-    from cellsearch.retrain import baseline_cells, plan_jobs
-
     task = get_task(TASK)
     preset = get_preset(TASK, PRESET)
     cells = [*resolve_source("mut1"), *baseline_cells(["gru", "lstm_b"], [])]
     seeds = list(range(5))
 
     def sizes(slots, **batching):
-        from cellsearch.batching import BatchingConfig
-
         jobs = plan_jobs(cells, TASK, PRESET, preset, seeds, tmp_path, task=task, slots=slots,
                          batching=BatchingConfig(**batching))
         assert sorted((job.label, run.seed_index) for job in jobs for run in job.runs) == sorted(
@@ -348,6 +352,7 @@ def test_jobs_fill_the_executor_slots(tmp_path):
     assert sizes(1, enabled=False) == [1] * 15
 
 
+@pytest.mark.slow
 def test_a_bad_checkpoint_stops_only_its_own_run(tmp_path, reference_dir):
     """One seed's checkpoint is damaged: the other seeds of the cell still train; the error names the file."""
     out = tmp_path / "damaged"
@@ -370,11 +375,44 @@ def test_a_bad_checkpoint_stops_only_its_own_run(tmp_path, reference_dir):
     pd.testing.assert_frame_equal(runs[COMPARED], kept[COMPARED])
 
 
+@pytest.mark.parametrize("where", ["in_process", pytest.param("ray", marks=pytest.mark.slow)])
+def test_a_damaged_checkpoint_is_a_typed_failure_of_its_run(tmp_path, reference_dir, where, request):
+    """A job returns a RunFailure (plain data, through Ray too) for a run whose checkpoint is damaged, not an
+    exception to read back from a traceback; the driver makes it the usual one line naming the file to delete."""
+    out = tmp_path / "damaged"
+    shutil.copytree(reference_dir, out)
+    bad = out / "runs" / "gru" / "seed-1" / "checkpoint.pt"
+    (bad.parent / "result.json").unlink()
+    bad.write_bytes(b".not a checkpoint")
+    task = get_task(TASK)
+    seeds = json.loads((out / "plan.json").read_text())["seeds"]
+    if where == "in_process":
+        jobs = plan_jobs(resolve_source("gru"), TASK, PRESET, get_preset(TASK, PRESET), seeds, out.resolve(), task=task)
+        items = [item for job in jobs for item in run_job(job, task)]
+        assert isinstance(items[0], dict) and items[0]["seed_index"] == 0  # finished before: read back
+        failure = items[1]
+        assert isinstance(failure, RunFailure) and (failure.label, failure.seed_index) == ("gru", 1)
+        assert failure.checkpoint == str(bad.resolve()) and "not a readable checkpoint" in failure.error
+        assert RunFailure.from_record(failure.to_dict()) == failure and RunFailure.from_record(items[0]) is None
+        options = OPTIONS
+    else:
+        options = dataclasses.replace(OPTIONS, in_process=False, address=request.getfixturevalue("ray_address"))
+    with pytest.raises(UserError) as raised:
+        retrain(resolve_source("gru"), TASK, PRESET, out, options)
+    message = str(raised.value)
+    assert len(message.splitlines()) == 1
+    assert message.startswith("1 retrain run(s) failed (the others are done; the same command retries these): "
+                              f"gru seed 1: {bad.resolve()} is not a readable checkpoint"), message
+    assert message.endswith(f"(delete {bad.resolve()} to start this run over)"), message
+    assert "Traceback" not in message and "CheckpointError" not in message
+    assert len(pd.read_csv(out / "results.csv")) == 3
+
+
 def test_commit_fields_naming_files_outside_the_group_are_refused(tmp_path, reference_dir):
     source = next(reference_dir.glob("runs/gru/seed-0/checkpoint.pt"))
     data = torch.load(source, weights_only=True)
-    for members in (["../../../../etc/passwd"], ["checkpoint.pt"] * 2, [f"../seed-{i}/checkpoint.pt" for i in range(2000)],
-                    ["/abs/checkpoint.pt"], [3]):
+    for members in (["../../../../etc/passwd"], ["checkpoint.pt"] * 2,
+                    [f"../seed-{i}/checkpoint.pt" for i in range(2000)], ["/abs/checkpoint.pt"], [3]):
         torch.save({**data, "commit": {"token": "epoch-1-step-3", "members": members}}, tmp_path / "c.pt")
         with pytest.raises(CheckpointError, match="commit must be"):
             load_checkpoint(tmp_path / "c.pt")
@@ -385,11 +423,6 @@ def test_commit_fields_naming_files_outside_the_group_are_refused(tmp_path, refe
 def test_group_checkpoints_mid_training_resume_to_the_uninterrupted_result(tmp_path, device):
     """Members with dropout (each its own generator) leaving at different epochs; the files copied mid-training
     resume, as a group, to exactly the uninterrupted results (on CUDA too: the dropout generators live there)."""
-    import shutil
-
-    from cellsearch.batched_training import train_group
-    from cellsearch.training import GroupMember
-
     task = get_task("memorize")
     spec = zoo.get("mut1")
     base = task.default_hparams("smoke").replace(num_layers=2, dropout=0.3)

@@ -14,7 +14,8 @@ from cellsearch.errors import UserError
 from cellsearch.results import load_run
 from cellsearch.search import seeds
 from cellsearch.search.config import SearchConfig, load_search_config, resolve_ptb_dir
-from cellsearch.search.driver import SearchDriver, score_of, stages_for
+from cellsearch.scoring import score_of
+from cellsearch.search.driver import SearchDriver, stages_for
 from cellsearch.search.executors import SerialExecutor
 from cellsearch.search.run import create_run, open_run, task_loader
 from cellsearch.search.storage import EVALUATIONS, UNITS
@@ -212,6 +213,107 @@ def test_resume_after_abandon_continues_the_same_search(reference_run, tmp_path)
     pd.testing.assert_frame_equal(trained(reference_run), trained(run_dir))
 
 
+HALVING = {"settings_per_task": 3, "settings_per_unit": 3, "max_steps": 4,
+           "fidelity": {"enabled": True, "eta": 3, "min_fraction": 0.5}}
+
+
+@pytest.mark.slow
+def test_successive_halving_prunes_settings_and_tells_optuna(tmp_path):
+    """Smoke budget (2 epochs of 5 steps), rungs at 5 and 10 steps: of each unit's 3 settings the best one goes on
+    past the first rung. Pruned settings are PRUNED trials with their learning curve as intermediate values, and
+    never count toward a cell's best; resuming an interrupted halving search gives the same search."""
+    import optuna
+    from optuna.trial import TrialState
+
+    config = tiny_config(**HALVING)
+    run_serial(config, tmp_path / "halving")
+    results = load_run(tmp_path / "halving")
+    try:
+        evaluations, cells = results.evaluations(), results.cells()
+    finally:
+        results.close()
+    assert set(evaluations["status"]) <= {"ok", "pruned", "diverged", "timeout"}
+    scored = evaluations[evaluations["task"] != "memorize"]  # the filter trains one setting: nothing to rank
+    per_unit = scored.groupby("unit_id")["status"].agg(list)
+    assert len(per_unit) >= 6
+    for statuses in per_unit:
+        assert len(statuses) == 3
+        if "diverged" not in statuses:  # a member that diverges before the rung leaves the ranking
+            assert statuses.count("pruned") == 2, statuses
+    pruned = evaluations[evaluations["status"] == "pruned"]
+    assert len(pruned) and (pruned["train_steps"] == 5).all()
+    assert (scored.loc[scored["status"] == "ok", "train_steps"] == 10).all()
+    # The best per cell and task ignores pruned settings.
+    kept = evaluations[evaluations["status"] != "pruned"]
+    best = kept.groupby(["cell", "task"])["score"].max()
+    for row in cells.dropna(subset=["best_arithmetic"]).itertuples():
+        assert row.best_arithmetic == pytest.approx(best[(row.hash, "arithmetic")])
+    # Optuna: one trial per setting, PRUNED or COMPLETE, with the curve's steps as intermediate values.
+    url = f"sqlite:///{tmp_path / 'halving' / 'run.db'}"
+    for row in evaluations.head(12).itertuples():
+        trial = optuna.load_study(study_name=f"{row.cell}/{row.task}", storage=url).trials[row.trial_number]
+        expected = TrialState.PRUNED if row.status == "pruned" else TrialState.COMPLETE
+        assert trial.state == expected, (row.status, trial.state)
+        if row.status != "diverged":
+            assert max(trial.intermediate_values) == row.train_steps
+    # Interrupted and resumed: the same search.
+    run_serial(config, tmp_path / "interrupted", stop_after_units=7)
+    run_serial(config, tmp_path / "interrupted")
+    pd.testing.assert_frame_equal(trained(tmp_path / "halving"), trained(tmp_path / "interrupted"))
+
+
+CONFIRM = {"confirm_seeds": 3, "max_steps": 8, "seed": 3}
+
+
+@pytest.mark.slow
+def test_candidates_above_the_reference_are_confirmed_on_paired_fresh_seeds(tmp_path):
+    """Every candidate that finished above 1 gets a confirm step: its best setting and the reference's best setting
+    on the same fresh seeds; the tables recompute the driver's decision; confirm steps are not search steps; an
+    interrupted search resumes to the same confirmations."""
+    from cellsearch.search.confirmation import confirm, pairs_by_task
+
+    config = tiny_config(**CONFIRM)
+    progress = run_serial(config, tmp_path / "confirm")
+    results = load_run(tmp_path / "confirm")
+    try:
+        steps, cells, evaluations = results.steps(), results.cells().set_index("hash"), results.evaluations()
+    finally:
+        results.close()
+    assert (steps["kind"].isin(["mutate", "reevaluate"])).sum() == 8  # max_steps counts search steps only
+    above = steps[steps["outcome"].fillna("").str.endswith(":confirm")]
+    confirms = steps[steps["kind"] == "confirm"]
+    assert len(above) >= 1, "this seed was chosen for a candidate above 1 at smoke budgets"
+    assert sorted(above["cell_hash"]) == sorted(confirms["cell_hash"])
+    assert set(confirms["outcome"]) <= {"confirmed", "not_confirmed"} and (confirms["status"] == "done").all()
+    assert progress.beat_reference == len(above)
+    assert progress.confirmed == (confirms["outcome"] == "confirmed").sum()
+    gru = evaluations.loc[evaluations["step"] < 2, "cell"].iloc[0]  # step 0 is the reference's seed step
+    for step in confirms.itertuples():
+        rows = evaluations[evaluations["step"] == step.step]
+        assert set(rows["cell"]) == {step.cell_hash, gru}
+        for task, per_task in rows.groupby("task"):
+            # the same seeds for both cells, one setting per cell (its best), three seeds
+            seeds_of = per_task.groupby("cell")["seed"].apply(lambda s: tuple(sorted(s)))
+            assert seeds_of.nunique() == 1 and len(seeds_of.iloc[0]) == 3
+            assert per_task.groupby("cell")["learning_rate"].nunique().eq(1).all()
+        expected = confirm(pairs_by_task(rows.to_dict("records"), step.cell_hash, gru), config.tasks)
+        assert bool(cells.at[step.cell_hash, "confirmed"]) == expected.confirmed == (step.outcome == "confirmed")
+        assert cells.at[step.cell_hash, "confirm_ratio"] == pytest.approx(expected.ratio.estimate)
+    assert cells.loc[~cells.index.isin(confirms["cell_hash"]), "confirmed"].isna().all()
+    # interrupted after 9 units, resumed: the same search and the same confirmations
+    run_serial(config, tmp_path / "interrupted", stop_after_units=9)
+    run_serial(config, tmp_path / "interrupted")
+    pd.testing.assert_frame_equal(trained(tmp_path / "confirm"), trained(tmp_path / "interrupted"))
+
+
+def test_halving_needs_several_settings_per_unit():
+    with pytest.raises(ConfigError, match="fidelity.enabled"):
+        tiny_config(fidelity={"enabled": True}, settings_per_unit=1)
+    with pytest.raises(ConfigError, match="fidelity.eta"):
+        tiny_config(fidelity={"enabled": True, "eta": 1}, settings_per_unit=3)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("selection", ["tournament", "aging"])
 def test_other_selections_run(tmp_path, selection):
     run_serial(tiny_config(selection=selection, tournament_size=2, max_steps=4, seed_from_parent=1), tmp_path / "r")
@@ -223,6 +325,7 @@ def test_other_selections_run(tmp_path, selection):
         results.close()
 
 
+@pytest.mark.slow
 def test_a_moved_or_copied_run_directory_resumes_and_loads_with_its_own_database(reference_run, tmp_path):
     """run.json names the default database by absolute path; a moved or copied directory uses its own run.db."""
     import shutil

@@ -15,6 +15,9 @@ import pytest
 from cellsearch.results import load_run
 from cellsearch.spec import CellSpec
 
+# end-to-end: subprocesses, Ray, whole searches (the fast tier, `-m "not slow and not faults"`, skips them)
+pytestmark = pytest.mark.slow
+
 REPO = Path(__file__).resolve().parents[1]
 
 

@@ -20,7 +20,7 @@ from searchchecks import fresh_postgres_database, needs_postgres
 from cellsearch.search.storage import redact_url
 
 REPO = Path(__file__).resolve().parents[1]
-pytestmark = needs_postgres
+pytestmark = [needs_postgres, pytest.mark.slow]
 
 
 @pytest.fixture

@@ -15,6 +15,9 @@ from cellsearch.search.executors import RayExecutor
 from cellsearch.search.units import SettingSpec, UnitSpec, run_unit
 from cellsearch.tasks import get_task
 
+# end-to-end: subprocesses, Ray, whole searches (the fast tier, `-m "not slow and not faults"`, skips them)
+pytestmark = pytest.mark.slow
+
 REPO = Path(__file__).resolve().parents[1]
 
 

@@ -29,7 +29,8 @@ def _rebuild(spec: CellSpec, rng: np.random.Generator) -> CellSpec:
         operands = [rename(o) for o in node.inputs]
         if node.op in COMMUTATIVE:
             operands = [operands[i] for i in rng.permutation(len(operands))]
-        nodes[mapping[name]] = {"op": node.op, "inputs": operands, "bias": node.bias, "diag": node.diag} if node.op == "linear" else {"op": node.op, "inputs": operands}
+        nodes[mapping[name]] = ({"op": node.op, "inputs": operands, "bias": node.bias, "diag": node.diag}
+                                if node.op == "linear" else {"op": node.op, "inputs": operands})
     return CellSpec(states=spec.states, nodes=nodes, outputs={s: rename(v) for s, v in spec.outputs.items()})
 
 
@@ -64,7 +65,10 @@ def test_hash_changes_with_op_constants_sub_order_and_output_state():
     assert swapped.hash != lstm.hash
     renamed_states = CellSpec(
         states=("out", "mem"),
-        nodes={n: {"op": v.op, "inputs": [{"h": "out", "c": "mem"}.get(i, i) for i in v.inputs], "bias": v.bias, "diag": v.diag} if v.op == "linear" else {"op": v.op, "inputs": [{"h": "out", "c": "mem"}.get(i, i) for i in v.inputs]} for n, v in lstm.nodes.items()},
+        nodes={n: {"op": v.op, "inputs": [{"h": "out", "c": "mem"}.get(i, i) for i in v.inputs],
+                   "bias": v.bias, "diag": v.diag}
+               if v.op == "linear" else {"op": v.op, "inputs": [{"h": "out", "c": "mem"}.get(i, i) for i in v.inputs]}
+               for n, v in lstm.nodes.items()},
         outputs={"out": lstm.outputs["h"], "mem": lstm.outputs["c"]},
     )
     assert renamed_states.hash == lstm.hash
@@ -73,7 +77,8 @@ def test_hash_changes_with_op_constants_sub_order_and_output_state():
 def test_hash_tells_a_shared_node_from_two_copies():
     shared = CellSpec(
         states=["h"],
-        nodes={"a": {"op": "linear", "inputs": ["x", "h"]}, "m": {"op": "mul", "inputs": ["a", "a"]}, "o": {"op": "tanh", "inputs": ["m"]}},
+        nodes={"a": {"op": "linear", "inputs": ["x", "h"]}, "m": {"op": "mul", "inputs": ["a", "a"]},
+               "o": {"op": "tanh", "inputs": ["m"]}},
         outputs={"h": "o"},
     )
     copies = CellSpec(
@@ -130,7 +135,8 @@ def random_cells(draw):
         op = draw(st.sampled_from(["linear", "tanh", "sigmoid", "relu", "identity", "add", "sub", "mul"]))
         if op == "linear":
             operands = draw(st.lists(st.sampled_from(values), min_size=1, max_size=3, unique=True))
-            node = {"op": op, "inputs": operands, "bias": draw(st.sampled_from([0.0, 1.0])), "diag": draw(st.sampled_from([0.0, 0.9]))}
+            node = {"op": op, "inputs": operands, "bias": draw(st.sampled_from([0.0, 1.0])),
+                    "diag": draw(st.sampled_from([0.0, 0.9]))}
         elif op in ("add", "sub", "mul"):
             node = {"op": op, "inputs": [draw(st.sampled_from(values)), draw(st.sampled_from(values))]}
         else:
@@ -177,7 +183,8 @@ def test_networkx_view():
 def test_pruning_removes_dead_nodes():
     spec = CellSpec(
         states=["h"],
-        nodes={"a": {"op": "linear", "inputs": ["x", "h"]}, "dead": {"op": "tanh", "inputs": ["a"]}, "o": {"op": "tanh", "inputs": ["a"]}},
+        nodes={"a": {"op": "linear", "inputs": ["x", "h"]}, "dead": {"op": "tanh", "inputs": ["a"]},
+               "o": {"op": "tanh", "inputs": ["a"]}},
         outputs={"h": "o"},
     )
     assert list(spec.nodes) == ["a", "o"]
@@ -211,21 +218,27 @@ INVALID = [
     (_base(nodes={"a": {"op": "tanh", "inputs": ["x", "h"]}, "o": {"op": "tanh", "inputs": ["a"]}}), "exactly 1"),
     (_base(nodes={"a": {"op": "linear", "inputs": []}, "o": {"op": "tanh", "inputs": ["a"]}}), "at least 1"),
     (_base(nodes={"a": {"op": "linear", "inputs": ["x", "x", "h"]}, "o": {"op": "tanh", "inputs": ["a"]}}), "distinct"),
-    (_base(nodes={"a": {"op": "linear", "inputs": ["x", "nope"]}, "o": {"op": "tanh", "inputs": ["a"]}}), "neither a node nor an input"),
+    (_base(nodes={"a": {"op": "linear", "inputs": ["x", "nope"]}, "o": {"op": "tanh", "inputs": ["a"]}}),
+     "neither a node nor an input"),
     (_base(outputs={"h": "missing"}), "neither a node nor an input"),
     (_base(outputs={}), "no output"),
     (_base(outputs={"h": "o", "c": "o"}), "not a state"),
-    (_base(nodes={"a": {"op": "linear", "inputs": ["h"]}, "o": {"op": "tanh", "inputs": ["a"]}}), "input 'x' is never read"),
+    (_base(nodes={"a": {"op": "linear", "inputs": ["h"]}, "o": {"op": "tanh", "inputs": ["a"]}}),
+     "input 'x' is never read"),
     (_base(states=["h", "c"], outputs={"h": "o", "c": "o"}), "state 'c' is never read"),
     (_base(nodes={"a b": {"op": "linear", "inputs": ["x", "h"]}}), "identifiers"),
     (_base(nodes={"x": {"op": "linear", "inputs": ["h"]}}), "taken by an input"),
     (_base(states=["x"]), "reserved"),
     (_base(states=[]), "non-empty"),
     (_base(states="h"), "non-empty"),
-    (_base(nodes={"a": {"op": "linear", "inputs": ["x", "h"], "bias": float("nan")}, "o": {"op": "tanh", "inputs": ["a"]}}), "finite"),
-    (_base(nodes={"a": {"op": "linear", "inputs": ["x", "h"], "diag": "1"}, "o": {"op": "tanh", "inputs": ["a"]}}), "must be a number"),
-    (_base(nodes={"a": {"op": "linear", "inputs": ["x", "h"]}, "o": {"op": "tanh", "inputs": ["a"], "bias": 1}}), "only linear"),
-    (_base(nodes={"a": {"op": "linear", "inputs": ["x", "h"], "code": "1"}, "o": {"op": "tanh", "inputs": ["a"]}}), "unknown key"),
+    (_base(nodes={"a": {"op": "linear", "inputs": ["x", "h"], "bias": float("nan")},
+                  "o": {"op": "tanh", "inputs": ["a"]}}), "finite"),
+    (_base(nodes={"a": {"op": "linear", "inputs": ["x", "h"], "diag": "1"}, "o": {"op": "tanh", "inputs": ["a"]}}),
+     "must be a number"),
+    (_base(nodes={"a": {"op": "linear", "inputs": ["x", "h"]}, "o": {"op": "tanh", "inputs": ["a"], "bias": 1}}),
+     "only linear"),
+    (_base(nodes={"a": {"op": "linear", "inputs": ["x", "h"], "code": "1"}, "o": {"op": "tanh", "inputs": ["a"]}}),
+     "unknown key"),
     (_base(nodes={"a": {"op": "linear", "inputs": "x"}, "o": {"op": "tanh", "inputs": ["a"]}}), "list of names"),
     (_base(nodes=["a"]), "must be a mapping"),
     ({"states": ["h"], "nodes": {}}, "missing top-level key 'outputs'"),
@@ -258,7 +271,8 @@ HOSTILE_NAMES = [
 @pytest.mark.parametrize("name", HOSTILE_NAMES)
 def test_hostile_names_are_rejected(name):
     with pytest.raises(CellSpecError, match="identifiers"):
-        CellSpec.from_dict(_base(nodes={name: {"op": "linear", "inputs": ["x", "h"]}, "o": {"op": "tanh", "inputs": [name]}}))
+        CellSpec.from_dict(_base(nodes={name: {"op": "linear", "inputs": ["x", "h"]},
+                                        "o": {"op": "tanh", "inputs": [name]}}))
     with pytest.raises(CellSpecError, match="identifiers"):
         CellSpec.from_dict(_base(states=[name]))
 
@@ -277,7 +291,9 @@ def test_huge_graph_rejected():
 
 def test_python_identifiers_that_are_builtins_are_fine():
     spec = CellSpec.from_dict(
-        _base(nodes={"exec": {"op": "linear", "inputs": ["x", "h"]}, "__import__": {"op": "tanh", "inputs": ["exec"]}}, outputs={"h": "__import__"})
+        _base(nodes={"exec": {"op": "linear", "inputs": ["x", "h"]},
+                     "__import__": {"op": "tanh", "inputs": ["exec"]}},
+              outputs={"h": "__import__"})
     )
     assert "__import__" in spec.nodes
 

@@ -17,15 +17,9 @@ from cellsearch import zoo
 from cellsearch.cli import main
 from cellsearch.hparams import HyperParams
 from cellsearch.tasks import get_task
+from cellsearch.model import build_model, model_parameter_count, solve_hidden_size
 from cellsearch.tasks.base import Split
-from cellsearch.training import (
-    PlateauHalving,
-    batchify,
-    build_model,
-    model_parameter_count,
-    solve_hidden_size,
-    train_and_evaluate,
-)
+from cellsearch.training import PlateauHalving, batchify, train_and_evaluate
 
 CELLS = ("tanh_rnn", "lstm", "gru", "mut1")
 
@@ -169,7 +163,8 @@ def test_ptb_score_is_inverse_perplexity(ptb_dir):
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "cellsearch.cli", "train", *args], capture_output=True, text=True, timeout=120)
+    return subprocess.run([sys.executable, "-m", "cellsearch.cli", "train", *args], capture_output=True, text=True,
+                          timeout=120)
 
 
 def test_cli_trains_a_reference_cell_to_json():
@@ -220,7 +215,8 @@ def test_a_cell_whose_output_ignores_x_still_trains():
 
     spec = CellSpec(
         states=["h", "c"],
-        nodes={"a": {"op": "linear", "inputs": ["h"]}, "hn": {"op": "tanh", "inputs": ["a"]}, "cn": {"op": "add", "inputs": ["x", "c"]}},
+        nodes={"a": {"op": "linear", "inputs": ["h"]}, "hn": {"op": "tanh", "inputs": ["a"]},
+               "cn": {"op": "add", "inputs": ["x", "c"]}},
         outputs={"h": "hn", "c": "cn"},
     )
     task = get_task("memorize")

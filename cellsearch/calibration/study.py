@@ -13,6 +13,9 @@ shorter budget's run is exactly the first part of the longer one. Each group tra
 longest budget, and the shorter budgets are read from its learning curve
 (:func:`truncate_result`; ``tests/test_calibration.py`` checks the equality against separate runs).
 The CPU time of a read-off budget is the run's, pro-rated by steps.
+
+Size: planning, the study database and running belong together here (the plan's rows are the
+database's keys, resume compares them); the statistics are in :mod:`cellsearch.calibration.analysis`.
 """
 
 from __future__ import annotations

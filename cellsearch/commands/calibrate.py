@@ -94,8 +94,7 @@ def _config(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from cellsearch.calibration.analysis import analyse, summary_text, write_outputs
-    from cellsearch.calibration.study import StudyStore, pending_units, plan_study, run_study
+    from cellsearch.calibration.study import StudyStore, plan_study
     from cellsearch.search.run import ensure_writable
 
     if args.workers is not None and args.workers < 1:
@@ -110,31 +109,54 @@ def run(args: argparse.Namespace) -> int:
         check_device(args.device, here=args.in_process or not attaches(args.address))
     from cellsearch.tasks import get_task
 
-    if args.resume:
-        if args.out and Path(args.out).resolve() != Path(args.resume).resolve():
-            raise UserError("--resume DIR and --out name different directories; give one of them")
-        out = Path(args.resume)
-        store = StudyStore(out)
-        config = store.config
-        task = get_task(config.task, data_dir=config.ptb_dir)
-        plan = _stored_plan(store, config, task)
-    else:
-        if not args.out:
-            raise UserError("--out DIR is required (or --resume DIR)")
-        out = Path(args.out)
-        if out.exists() and not out.is_dir():
-            raise UserError(f"--out {out} is a file, not a directory")
-        config = _config(args)
-        # everything is checked (task, budgets, cells) before the study directory is touched
-        task = get_task(config.task, data_dir=config.ptb_dir)
-        plan = plan_study(config, task)
-        from cellsearch.search.executors import attaches, check_cluster
+    locks: list = []  # the study directory's lock, held until the study ends however it ends
+    try:
+        if args.resume:
+            if args.out and Path(args.out).resolve() != Path(args.resume).resolve():
+                raise UserError("--resume DIR and --out name different directories; give one of them")
+            out = Path(args.resume)
+            if not (out / "study.db").is_file():
+                raise UserError(f"{out} holds no fidelity study (no study.db); start one with --out {out}")
+            locks.append(_lock(out))
+            store = StudyStore(out)
+            config = store.config
+            task = get_task(config.task, data_dir=config.ptb_dir)
+            plan = _stored_plan(store, config, task)
+        else:
+            if not args.out:
+                raise UserError("--out DIR is required (or --resume DIR)")
+            out = Path(args.out)
+            if out.exists() and not out.is_dir():
+                raise UserError(f"--out {out} is a file, not a directory")
+            config = _config(args)
+            # everything is checked (task, budgets, cells) before the study directory is touched
+            task = get_task(config.task, data_dir=config.ptb_dir)
+            plan = plan_study(config, task)
+            from cellsearch.search.executors import attaches, check_cluster
 
-        if not args.in_process and attaches(args.address):
-            check_cluster(args.address)  # a dead address fails in bounded time, before the directory exists
-        ensure_writable(out)
-        store = StudyStore(out, config)
-        plan = _stored_plan(store, config, task)
+            if not args.in_process and attaches(args.address):
+                check_cluster(args.address)  # a dead address fails in bounded time, before the directory exists
+            ensure_writable(out)
+            locks.append(_lock(out))
+            store = StudyStore(out, config)
+            plan = _stored_plan(store, config, task)
+        return _run_locked(args, out, config, task, store, plan)
+    finally:
+        for lock in locks:
+            lock.release()
+
+
+def _lock(out: Path):
+    """One study driver per directory (see :mod:`cellsearch.search.lock`); study.db lies inside it."""
+    from cellsearch.search.lock import acquire
+
+    return acquire(out, f"the study directory {out}", command="cellsearch calibrate")
+
+
+def _run_locked(args: argparse.Namespace, out: Path, config, task, store, plan) -> int:
+    from cellsearch.calibration.analysis import analyse, summary_text, write_outputs
+    from cellsearch.calibration.study import pending_units, run_study
+
     log = lambda message: print(message, file=sys.stderr)  # noqa: E731
     group_text = ", ".join(f"{g.name} ({'+'.join(g.members)})" for g in plan.groups)
     log(f"calibrate {config.task}: {len(plan.cells)} cells x {len(plan.groups)} run group(s) [{group_text}] x "

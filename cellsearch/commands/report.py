@@ -16,6 +16,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--top", type=int, default=10, help="cells in the page's leaderboard (default 10)")
     parser.add_argument("--drawn", type=int, default=5, help="top cells drawn with equations (default 5)")
     parser.add_argument("--lineages", type=int, default=3, help="best cells whose lineage is traced (default 3)")
+    parser.add_argument("--force", action="store_true", help="replace an --out folder that is not an earlier report")
     parser.set_defaults(func=run)
 
 
@@ -23,6 +24,6 @@ def run(args: argparse.Namespace) -> int:
     from cellsearch.report import write_report
 
     report = write_report(args.run_dir, args.out, args.retrain, top=args.top, drawn=args.drawn,
-                          lineages=args.lineages)
+                          lineages=args.lineages, force=args.force)
     print(f"report written to {report.index} ({len(report.files)} files)")
     return 0

@@ -6,7 +6,7 @@ is trained with the task's retrain preset once per seed (a cell's seeds as one
 batched model where that pays, unless ``--no-batch``); a checkpoint per run is
 written every epoch and running the same command again resumes. The summary
 table (mean and spread over seeds per cell) is printed at the end; everything
-else is in ``--out`` (see :mod:`cellsearch.retrain`).
+else is in ``--out`` (see :mod:`cellsearch.retrain`; the flags are :class:`~cellsearch.retrain.RetrainOptions`).
 """
 
 from __future__ import annotations
@@ -14,14 +14,18 @@ from __future__ import annotations
 import argparse
 import sys
 
+from cellsearch.batching import BatchingConfig
+from cellsearch.devices import check_device
+from cellsearch.errors import UserError
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("retrain", help="retrain cells and baselines with a task's preset, several seeds")
     parser.add_argument("source", metavar="SOURCE", nargs="?",
                         help="RUN_DIR:HASH, RUN_DIR (with --top N), a .json/.yaml cell file or a reference cell name")
     parser.add_argument("--task", required=True, help="task name (memorize, arithmetic, xml, ptb)")
-    parser.add_argument("--preset", default="quick", help="retrain preset of the task (retrain_presets in tasks/TASK.yaml; "
-                        "default quick)")
+    parser.add_argument("--preset", default="quick",
+                        help="retrain preset of the task (retrain_presets in tasks/TASK.yaml; default quick)")
     parser.add_argument("--top", type=int, metavar="N", help="with a run directory: retrain its N best cells")
     parser.add_argument("--seeds", type=int, default=2, metavar="N", help="seeds per cell (default 2)")
     parser.add_argument("--seed", type=int, default=0, help="base seed the training seeds derive from (default 0)")
@@ -43,9 +47,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from cellsearch.errors import UserError
-    from cellsearch.batching import BatchingConfig
-    from cellsearch.retrain import load_presets, resolve_source, retrain, summary_markdown
+    # Imported here, not at the top: every command module is imported to build the parser, and the retrain
+    # library imports torch and Ray's executors (seconds), which ``cellsearch --help`` should not wait for.
+    from cellsearch.retrain import RetrainOptions, load_presets, resolve_source, retrain, summary_markdown
+    from cellsearch.search.executors import attaches
 
     if args.list_presets:
         for name, preset in load_presets(args.task).items():
@@ -55,9 +60,6 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("give a SOURCE: RUN_DIR:HASH, RUN_DIR --top N, a cell file or a reference cell name")
     if args.workers is not None and args.workers < 1:
         raise UserError("--workers must be at least 1")
-    from cellsearch.devices import check_device
-    from cellsearch.search.executors import attaches
-
     # Runs on a cluster may train on other machines' devices: there only the spelling is checked here.
     check_device(args.device, here=args.in_process or not attaches(args.address))
     cells = resolve_source(args.source, args.top)
@@ -73,12 +75,12 @@ def run(args: argparse.Namespace) -> int:
         print(f"[{done}/{total}] {record['label']} seed {record['seed_index']}: {record['status']}"
               f"{', ' + shown if shown else ''} ({record['duration_s']:.0f} s{note})", file=sys.stderr, flush=True)
 
-    results = retrain(
-        cells, args.task, args.preset, out_dir, seeds=args.seeds, base_seed=args.seed, baselines=baselines,
-        data_dir=args.data_dir, in_process=args.in_process, workers=args.workers, address=args.address,
-        num_cpus=args.cpus_per_run, num_gpus=args.gpus_per_run, device=args.device,
-        batching=BatchingConfig(enabled=not args.no_batch), on_done=on_done,
+    options = RetrainOptions(
+        seeds=args.seeds, base_seed=args.seed, baselines=tuple(baselines), data_dir=args.data_dir,
+        in_process=args.in_process, workers=args.workers, address=args.address, cpus_per_run=args.cpus_per_run,
+        gpus_per_run=args.gpus_per_run, device=args.device, batching=BatchingConfig(enabled=not args.no_batch),
     )
+    results = retrain(cells, args.task, args.preset, out_dir, options, on_done=on_done)
     print(summary_markdown(results))
     print(f"results, curves (CSV, PNG), summary (CSV, markdown) and checkpoints in {results.out_dir}")
     return 0

@@ -12,7 +12,7 @@ from pathlib import Path
 from cellsearch.config import describe
 
 __all__ = ["register", "run", "ProgressBar", "add_execution_arguments", "check_execution_arguments", "run_search",
-           "print_top"]
+           "print_top", "default_run_dir"]
 
 
 def add_execution_arguments(parser: argparse.ArgumentParser) -> None:
@@ -107,6 +107,8 @@ def print_top(run_dir: Path, n: int = 10) -> None:
         return
     columns = ["short_hash", "name", "status", "step_created", "nodes", *[f"best_{t}" for t in results.tasks],
                "score"]
+    if top["confirmed"].notna().any():  # a run with confirm_seeds: the paired re-evaluation of cells above 1
+        columns += ["confirmed", "confirm_ratio", "confirm_low", "confirm_high"]
     table = top[columns].assign(name=top["name"].fillna("-"))
     print(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
 
@@ -134,6 +136,9 @@ def run_search(config, storage, run_dir: Path, args: argparse.Namespace) -> int:
     print(f"run directory: {run_dir}")
     print(f"steps {progress.steps_done}, units {progress.units_done}, evaluations {progress.evaluations}, "
           f"cells evaluated {progress.cells_evaluated}")
+    confirmed = f", {progress.confirmed} confirmed on fresh paired seeds" if config.confirm_seeds else \
+        " (not confirmed: set confirm_seeds to re-evaluate them on fresh paired seeds)"
+    print(f"candidates above {config.reference_cell} when evaluated: {progress.beat_reference}{confirmed}")
     print_top(run_dir)
     if stop_mode is not None:
         print(f"\nstopped before the end; continue with: cellsearch resume {run_dir}")
@@ -148,8 +153,49 @@ def run(args: argparse.Namespace) -> int:
     config = load_search_config(args.config).with_overrides(storage=args.storage, seed=args.seed,
                                                             max_steps=args.max_steps)
     check_execution_arguments(args)
-    run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / (
-        f"{Path(args.config).stem}-{datetime.now(timezone.utc).strftime('%Y%m%d-%H%M%S')}")
-    config, storage = create_run(config, run_dir)
+    if args.run_dir:
+        run_dir = Path(args.run_dir)
+        config, storage = create_run(config, run_dir)
+    else:
+        run_dir, made = default_run_dir(Path(args.config).stem)
+        try:
+            config, storage = create_run(config, run_dir)
+        except BaseException:
+            for directory in made:  # a refused start leaves no empty run directory (nor runs/) behind
+                try:
+                    directory.rmdir()
+                except OSError:
+                    break
+            raise
     print(f"run directory: {run_dir}", file=sys.stderr)
     return run_search(config, storage, run_dir, args)
+
+
+def default_run_dir(stem: str, now: datetime | None = None, parent: Path = Path("runs")) -> tuple[Path, list[Path]]:
+    """A new ``runs/<stem>-<UTC time>`` (``-2``, ``-3``, ... when taken), claimed by creating it.
+
+    ``mkdir`` is atomic: two searches started in the same second get different directories. Returns the
+    directory and the directories created (innermost first), which a refused start removes again.
+    """
+    from cellsearch.errors import UserError
+
+    base = f"{stem}-{(now or datetime.now(timezone.utc)).strftime('%Y%m%d-%H%M%S')}"
+    made = []
+    if not parent.exists():
+        try:
+            parent.mkdir(parents=True)
+            made.append(parent)
+        except FileExistsError:
+            pass
+        except OSError as error:
+            raise UserError(f"cannot create {parent}: {error.strerror or error}") from None
+    for number in range(1, 1000):
+        candidate = parent / (base if number == 1 else f"{base}-{number}")
+        try:
+            candidate.mkdir()
+        except FileExistsError:
+            continue
+        except OSError as error:
+            raise UserError(f"cannot create the run directory {candidate}: {error.strerror or error}") from None
+        return candidate, [candidate, *made]
+    raise UserError(f"{parent} already holds 999 runs named {base}; give --run-dir")

@@ -38,14 +38,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="override a hyperparameter (init_scale, learning_rate, max_grad_norm, num_layers, parameter_budget, "
         "dropout) or a budget key (max_epochs, steps_per_epoch, max_steps, max_seconds, eval_tokens, ...); repeatable",
     )
-    parser.add_argument("--sample", type=int, metavar="N", help="train N distinct settings sampled from the profile's space")
-    parser.add_argument("--sampler", choices=("random", "tpe"), default="random", help="how --sample draws (default random)")
+    parser.add_argument("--sample", type=int, metavar="N",
+                        help="train N distinct settings sampled from the profile's space")
+    parser.add_argument("--sampler", choices=("random", "tpe"), default="random",
+                        help="how --sample draws (default random)")
     parser.add_argument("--seed", type=int, default=0, help="training seed (and sampling seed) (default 0)")
     parser.add_argument("--data-dir", help="data directory for ptb (else $CELLSEARCH_PTB_DIR)")
     parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     parser.add_argument("--no-batch", action="store_true",
-                        help="with --sample: train the settings one after the other instead of batching same-shape ones")
+                        help="with --sample: train the settings one after the other instead of batching "
+                        "same-shape ones")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(func=run)
@@ -196,8 +199,7 @@ def run(args: argparse.Namespace) -> int:
 
     cell_name = spec.name or args.cell
     if len(settings) > 1 and not args.no_batch:
-        from cellsearch.batched_training import train_settings
-        from cellsearch.training import GroupMember
+        from cellsearch.training import GroupMember, train_settings
 
         bar, update = _settings_progress_bar(not args.no_progress, f"{cell_name}/{task.name} {len(settings)} settings",
                                              len(settings))
@@ -213,7 +215,8 @@ def run(args: argparse.Namespace) -> int:
             bar, update = _progress_bar(not args.no_progress, f"{cell_name}/{task.name} {index}/{len(settings)}")
             try:
                 results.append(train_and_evaluate(
-                    spec, task, hparams, budget, seed=args.seed, device=args.device, progress=update, num_threads=args.threads
+                    spec, task, hparams, budget, seed=args.seed, device=args.device, progress=update,
+                    num_threads=args.threads
                 ))
             finally:
                 if bar is not None:

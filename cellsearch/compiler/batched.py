@@ -1,4 +1,4 @@
-"""K models of one cell and one shape as one batched model: stacked weights, one ``baddbmm`` per step group.
+"""K cell layers of one cell and one shape as one batched module: stacked weights, one ``baddbmm`` per step group.
 
 Settings of a cell that share a shape (layers, width) differ only in numbers (learning rate, init
 scale, clipping, seed). Stacked along a leading *member* dimension, their weights make one model
@@ -19,15 +19,18 @@ compiling something wrong.
 Table input (:func:`table_source`): a first layer fed by an embedding can compute its x-only part
 (input projections, their activations) once per vocabulary row and gather the rows of the tokens,
 which is cheaper when the vocabulary is smaller than ``T * B`` (the character tasks: 30-40 symbols
-against 700 positions). :class:`BatchedSequenceModel` does so by default; the step part is the
-same code.
+against 700 positions). :class:`~cellsearch.model.BatchedSequenceModel` does so by default; the step
+part is the same code.
 
 Layouts (time-major, like the training loop): an input is ``(K, T, B, input_size)`` or, shared by
 all members, ``(T, B, input_size)``; the output is ``(K, T, B, hidden)``; a state is
 ``(K, num_layers, B, hidden)`` (a tuple of those for cells with several states). Parameters have
-the names of :class:`~cellsearch.compiler.CellRNN` and
-:class:`~cellsearch.training.SequenceModel` with a leading member dimension, so
-:meth:`BatchedSequenceModel.from_members` / :meth:`BatchedSequenceModel.member` convert by name.
+the names of :class:`~cellsearch.compiler.CellRNN` with a leading member dimension, so
+:meth:`BatchedCellRNN.from_members` / :meth:`BatchedCellRNN.member` convert by name. The whole
+batched language model (embedding, these layers, softmax layer) is
+:class:`~cellsearch.model.BatchedSequenceModel`, built on this module's helpers
+(:func:`stack_members`, :func:`member_state`, :func:`take_members`, :func:`member_dropout`); the
+compiler imports nothing from the models or the training loop.
 """
 
 from __future__ import annotations
@@ -39,18 +42,22 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-from cellsearch.compiler.codegen import _NAMESPACE, SOURCE_NAMES, LayerPlan, build_plan
+from cellsearch.compiler.codegen import _NAMESPACE, SOURCE_NAMES, LayerPlan
 from cellsearch.compiler.module import CellLayer, CellRNN, _recorder
 from cellsearch.spec import CellSpec
 
 __all__ = [
     "BatchedCellRNN",
-    "BatchedSequenceModel",
     "batched_source",
     "table_source",
     "compile_batched",
     "compile_table",
     "stack_members",
+    "member_state",
+    "member_dropout",
+    "take_members",
+    "check_member_count",
+    "check_generators",
 ]
 
 # (pattern, replacement): the generated source's shape conventions and their batched forms. Lines that
@@ -137,7 +144,8 @@ def table_source(source: str) -> str:
     # every hoisted value the step part reads, at the positions of the tokens
     out += [f"    {name} = {name}.index_select(1, tokens)" for name in hoisted if name in later and name != "v0"]
     for line in rest:
-        out.append(_RAW_INPUT_SEQUENCE.sub(r"\1v0.index_select(1, tokens).reshape(lead + (-1,)).unbind(time_dim)", line))
+        out.append(_RAW_INPUT_SEQUENCE.sub(r"\1v0.index_select(1, tokens).reshape(lead + (-1,)).unbind(time_dim)",
+                                           line))
     for line in out:
         _check_line(line, _TABLE_NAMES)
     return "\n".join(out) + "\n"
@@ -187,11 +195,13 @@ def stack_members(batched: nn.Module, members: Sequence[nn.Module]) -> None:
         for name, parameter in batched.named_parameters():
             values = [state[name] for state in states]
             if any(tuple(v.shape) != tuple(parameter.shape[1:]) for v in values):
-                raise ValueError(f"member parameter {name!r} has shape {tuple(values[0].shape)}, expected {tuple(parameter.shape[1:])}")
+                raise ValueError(f"member parameter {name!r} has shape {tuple(values[0].shape)}, "
+                                 f"expected {tuple(parameter.shape[1:])}")
             parameter.copy_(torch.stack(values))
 
 
-def _member_state(batched: nn.Module, index: int) -> dict[str, torch.Tensor]:
+def member_state(batched: nn.Module, index: int) -> dict[str, torch.Tensor]:
+    """Member ``index``'s parameters of a batched module, by their unbatched names (views; clone to keep them)."""
     return {name: parameter.detach()[index] for name, parameter in batched.named_parameters()}
 
 
@@ -204,7 +214,8 @@ def _first_parameter(module: nn.Module) -> torch.Tensor | None:
     return next(module.parameters(), None)
 
 
-def _check_count(members: int) -> int:
+def check_member_count(members: int) -> int:
+    """``members``, checked to be a positive integer (the member count of a batched module)."""
     if isinstance(members, bool) or not isinstance(members, int) or members < 1:
         raise ValueError(f"members must be a positive integer, got {members!r}")
     return members
@@ -228,7 +239,7 @@ class BatchedCellRNN(nn.Module):
         # the template's own initial values are discarded: a private generator leaves the global RNG alone
         template = CellRNN(spec, input_size, hidden_size, num_layers, dropout, generator=torch.Generator())
         template.generator = None
-        self.members = _check_count(members)
+        self.members = check_member_count(members)
         self.spec = spec
         self.input_size = template.input_size
         self.hidden_size = template.hidden_size
@@ -239,10 +250,11 @@ class BatchedCellRNN(nn.Module):
         self._table_function = compile_table(self.plans[0])
         self.layers = template.layers
         _stack_in_place(self.layers, self.members)
-        self.generators = _check_generators(generators, self.members)
+        self.generators = check_generators(generators, self.members)
 
     @classmethod
-    def from_members(cls, rnns: Sequence[CellRNN], generators: Sequence[torch.Generator] | None = None) -> "BatchedCellRNN":
+    def from_members(cls, rnns: Sequence[CellRNN],
+                     generators: Sequence[torch.Generator] | None = None) -> "BatchedCellRNN":
         """One batched module holding the weights of ``rnns`` (same cell, sizes, layers and dropout)."""
         first = rnns[0]
         for rnn in rnns[1:]:
@@ -251,7 +263,8 @@ class BatchedCellRNN(nn.Module):
             ):
                 raise ValueError("BatchedCellRNN.from_members: members must share cell, sizes, layers and dropout")
         reference = _first_parameter(first)
-        batched = cls(first.spec, len(rnns), first.input_size, first.hidden_size, first.num_layers, first.dropout, generators)
+        batched = cls(first.spec, len(rnns), first.input_size, first.hidden_size, first.num_layers, first.dropout,
+                      generators)
         if reference is not None:
             batched.to(device=reference.device, dtype=reference.dtype)
         stack_members(batched, rnns)
@@ -260,20 +273,23 @@ class BatchedCellRNN(nn.Module):
     def member(self, index: int) -> CellRNN:
         """Member ``index`` as a separate ``CellRNN`` (a copy of its weights)."""
         reference = _first_parameter(self)
-        rnn = CellRNN(self.spec, self.input_size, self.hidden_size, self.num_layers, self.dropout, generator=torch.Generator())
+        rnn = CellRNN(self.spec, self.input_size, self.hidden_size, self.num_layers, self.dropout,
+                      generator=torch.Generator())
         rnn.generator = None  # like a CellRNN built without one: dropout from the default generator
         if reference is not None:
             rnn.to(device=reference.device, dtype=reference.dtype)
-        rnn.load_state_dict(_member_state(self, index))
+        rnn.load_state_dict(member_state(self, index))
         return rnn
 
-    def forward(self, input: torch.Tensor, state: Any = None, tokens: torch.Tensor | None = None) -> tuple[torch.Tensor, Any]:  # noqa: A002
+    def forward(self, input: torch.Tensor, state: Any = None,  # noqa: A002
+                tokens: torch.Tensor | None = None) -> tuple[torch.Tensor, Any]:
         """Run the members; with ``tokens`` (T, B), ``input`` is a per-member table ``(K, rows, input_size)``
         and the first layer reads its rows at ``tokens`` (see :func:`table_source`; an embedding's table)."""
         if tokens is not None:
-            if input.dim() != 3 or input.shape[0] != self.members or input.shape[-1] != self.input_size or tokens.dim() != 2:
-                raise ValueError(f"BatchedCellRNN: expected a table (K={self.members}, rows, {self.input_size}) and tokens (T, B), "
-                                 f"got {tuple(input.shape)} and {tuple(tokens.shape)}")
+            if (input.dim() != 3 or input.shape[0] != self.members or input.shape[-1] != self.input_size
+                    or tokens.dim() != 2):
+                raise ValueError(f"BatchedCellRNN: expected a table (K={self.members}, rows, {self.input_size}) "
+                                 f"and tokens (T, B), got {tuple(input.shape)} and {tuple(tokens.shape)}")
             first = _with_table(self._table_function, (self.members, *tokens.shape), tokens.reshape(-1))
             batch = tokens.shape[1]
         else:
@@ -282,8 +298,8 @@ class BatchedCellRNN(nn.Module):
                 input = input.unsqueeze(0).expand(self.members, -1, -1, -1)
             if input.dim() != 4 or input.shape[0] != self.members or input.shape[-1] != self.input_size:
                 raise ValueError(
-                    f"BatchedCellRNN: expected input (K={self.members}, T, B, {self.input_size}) or (T, B, {self.input_size}), "
-                    f"got {tuple(input.shape)}"
+                    f"BatchedCellRNN: expected input (K={self.members}, T, B, {self.input_size}) "
+                    f"or (T, B, {self.input_size}), got {tuple(input.shape)}"
                 )
             batch = input.shape[2]
         initial = self._initial_state(state, batch, input)
@@ -316,7 +332,7 @@ class BatchedCellRNN(nn.Module):
 
     def take(self, indices: Sequence[int]) -> "BatchedCellRNN":
         """A new module with only the members at ``indices`` (weights copied)."""
-        return _take(self, indices, lambda count, generators: BatchedCellRNN(
+        return take_members(self, indices, lambda count, generators: BatchedCellRNN(
             self.spec, count, self.input_size, self.hidden_size, self.num_layers, self.dropout, generators))
 
     def __getstate__(self) -> dict:
@@ -357,7 +373,8 @@ def _layer_tensors(layer: CellLayer, plan: LayerPlan) -> tuple[tuple, tuple]:
     return tuple(weights), tuple(biases)
 
 
-def _check_generators(generators: Sequence[torch.Generator] | None, members: int) -> tuple[torch.Generator, ...] | None:
+def check_generators(generators: Sequence[torch.Generator] | None, members: int) -> tuple[torch.Generator, ...] | None:
+    """``generators`` as a tuple of one per member (or None), checked against the member count."""
     if generators is None:
         return None
     generators = tuple(generators)
@@ -366,7 +383,8 @@ def _check_generators(generators: Sequence[torch.Generator] | None, members: int
     return generators
 
 
-def member_dropout(values: torch.Tensor, probability: float, generators: Sequence[torch.Generator] | None) -> torch.Tensor:
+def member_dropout(values: torch.Tensor, probability: float,
+                   generators: Sequence[torch.Generator] | None) -> torch.Tensor:
     """Dropout on ``(K, ...)`` with member ``k``'s mask drawn from ``generators[k]``.
 
     The mask is drawn as ``torch.nn.functional.dropout`` draws it on the CPU (a ``bernoulli_`` of the
@@ -383,7 +401,12 @@ def member_dropout(values: torch.Tensor, probability: float, generators: Sequenc
     return values * torch.stack(masks)
 
 
-def _take(module: nn.Module, indices: Sequence[int], build: Callable[[int, Any], nn.Module]) -> nn.Module:
+def take_members(module: nn.Module, indices: Sequence[int], build: Callable[[int, Any], nn.Module]) -> nn.Module:
+    """A batched module with only the members at ``indices``: ``build(count, generators)`` makes it, the
+    weights are copied.
+
+    ``module`` has ``generators`` (or None) and, optionally, ``table_lookup``, both carried over.
+    """
     indices = [int(i) for i in indices]
     generators = None if module.generators is None else [module.generators[i] for i in indices]
     reference = _first_parameter(module)
@@ -399,95 +422,3 @@ def _take(module: nn.Module, indices: Sequence[int], build: Callable[[int, Any],
     if hasattr(module, "table_lookup"):
         taken.table_lookup = module.table_lookup
     return taken
-
-
-class BatchedSequenceModel(nn.Module):
-    """``members`` :class:`~cellsearch.training.SequenceModel` of one cell and shape as one module.
-
-    Embedding ``(K, vocab, hidden)`` -> :class:`BatchedCellRNN` -> dropout -> softmax layer
-    ``(K, vocab, hidden)`` with bias ``(K, vocab)``. ``forward(tokens, state)``: ``tokens`` is
-    ``(T, B)`` shared by every member (the training loop's stream) or ``(K, T, B)``; returns logits
-    ``(K, T, B, vocab)`` and the state. Dropout masks come from ``generators`` (see
-    :class:`BatchedCellRNN`).
-
-    With shared tokens, no active dropout on the embedding and a vocabulary smaller than the number
-    of positions, the first layer reads the embedding table directly (``table_lookup``, on by
-    default; see :func:`table_source`): its input projections cost a vocabulary's worth of rows
-    instead of ``T * B``. The result is the same up to rounding.
-    """
-
-    def __init__(self, spec: CellSpec, members: int, vocab_size: int, hidden_size: int, num_layers: int = 1,
-                 dropout: float = 0.0, generators: Sequence[torch.Generator] | None = None) -> None:
-        super().__init__()
-        self.members = _check_count(members)
-        self.spec = spec
-        self.vocab_size = vocab_size
-        self.hidden_size = hidden_size
-        self.num_layers = num_layers
-        self.dropout_probability = float(dropout)
-        self.generators = _check_generators(generators, self.members)
-        self.embedding = nn.Module()
-        self.embedding.weight = nn.Parameter(torch.zeros(members, vocab_size, hidden_size))
-        self.rnn = BatchedCellRNN(spec, members, hidden_size, hidden_size, num_layers, dropout, generators)
-        self.decoder = nn.Module()
-        self.decoder.weight = nn.Parameter(torch.zeros(members, vocab_size, hidden_size))
-        self.decoder.bias = nn.Parameter(torch.zeros(members, vocab_size))
-        self.table_lookup = True
-
-    @classmethod
-    def from_members(cls, models: Sequence[nn.Module], generators: Sequence[torch.Generator] | None = None) -> "BatchedSequenceModel":
-        """One batched model holding ``models`` (``SequenceModel`` of the same cell, vocabulary, width, layers, dropout)."""
-        first = models[0]
-        shape = lambda m: (m.rnn.spec.hash, m.embedding.num_embeddings, m.hidden_size, m.rnn.num_layers, m.rnn.dropout)  # noqa: E731
-        if any(shape(m) != shape(first) for m in models[1:]):
-            raise ValueError("BatchedSequenceModel.from_members: members must share cell, vocabulary, width, layers and dropout")
-        reference = first.embedding.weight
-        batched = cls(first.rnn.spec, len(models), first.embedding.num_embeddings, first.hidden_size, first.rnn.num_layers,
-                      first.rnn.dropout, generators)
-        batched.to(device=reference.device, dtype=reference.dtype)
-        stack_members(batched, models)
-        return batched
-
-    def member(self, index: int) -> nn.Module:
-        """Member ``index`` as a separate :class:`~cellsearch.training.SequenceModel` (a copy of its weights)."""
-        from cellsearch.training import SequenceModel
-
-        reference = self.embedding.weight
-        with torch.random.fork_rng(devices=[]):  # its initial values are overwritten; the global RNG stays as it was
-            model = SequenceModel(self.spec, self.vocab_size, self.hidden_size, self.num_layers, self.dropout_probability)
-        model.to(device=reference.device, dtype=reference.dtype)
-        model.load_state_dict(self.member_state(index))
-        return model
-
-    def member_state(self, index: int) -> dict[str, torch.Tensor]:
-        """Member ``index``'s parameters by ``SequenceModel`` name (views; clone to keep them)."""
-        return _member_state(self, index)
-
-    def take(self, indices: Sequence[int]) -> "BatchedSequenceModel":
-        """A new model with only the members at ``indices`` (weights copied, generators shared)."""
-        return _take(self, indices, lambda count, generators: BatchedSequenceModel(
-            self.spec, count, self.vocab_size, self.hidden_size, self.num_layers, self.dropout_probability, generators))
-
-    def _dropout(self, values: torch.Tensor) -> torch.Tensor:
-        if not (self.dropout_probability and self.training):
-            return values
-        return member_dropout(values, self.dropout_probability, self.generators)
-
-    def forward(self, tokens: torch.Tensor, state: Any = None) -> tuple[torch.Tensor, Any]:
-        members = self.members
-        dropping = self.dropout_probability > 0 and self.training
-        if tokens.dim() == 2 and self.table_lookup and not dropping and self.vocab_size < tokens.numel():
-            output, state = self.rnn(self.embedding.weight, state, tokens=tokens)
-        else:
-            if tokens.dim() == 2:
-                # a shared stream: one lookup of every member's table (K, T*B, hidden)
-                embedded = self.embedding.weight.index_select(1, tokens.reshape(-1)).view(members, *tokens.shape, -1)
-            else:
-                rows = torch.arange(members, device=tokens.device).view(members, 1, 1)
-                embedded = self.embedding.weight[rows, tokens]
-            output, state = self.rnn(self._dropout(embedded), state)
-        output = self._dropout(output)
-        flat = output.reshape(members, -1, self.hidden_size)
-        logits = torch.baddbmm(self.decoder.bias.unsqueeze(1), flat, self.decoder.weight.transpose(1, 2))
-        return logits.view(*output.shape[:-1], self.vocab_size), state
-

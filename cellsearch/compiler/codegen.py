@@ -301,9 +301,11 @@ def build_plan(spec: CellSpec, project_input: bool) -> LayerPlan:
     emitted = {INPUT}
     for current in range(max_hoisted_stage + 1):
         for name in order:
-            if name in hoisted and name not in emitted and nodes[name][0] != "linear" and hoisted_stage[name] == current:
+            if (name in hoisted and name not in emitted and nodes[name][0] != "linear"
+                    and hoisted_stage[name] == current):
                 op, resolved, _ = nodes[name]
-                emit.line(1, f"{variable[name]} = " + ELEMENTWISE_TEMPLATES[op].format(*(variable[o] for o in resolved)))
+                emit.line(1, f"{variable[name]} = "
+                          + ELEMENTWISE_TEMPLATES[op].format(*(variable[o] for o in resolved)))
                 emitted.add(name)
         for number, key in enumerate(hoisted_keys):
             if key[0] != current:
@@ -334,7 +336,8 @@ def build_plan(spec: CellSpec, project_input: bool) -> LayerPlan:
             if len(targets) == 1:
                 emit.line(1, f"{targets[0]} = {result}")
             else:
-                emit.line(1, f"{', '.join(targets)} = {result}.unsafe_split_with_sizes(sz[{emit.split(tuple(units))}], 1)")
+                emit.line(1, f"{', '.join(targets)} = "
+                          f"{result}.unsafe_split_with_sizes(sz[{emit.split(tuple(units))}], 1)")
 
     # carriers: the x part plus bias of each step group, as one (rows, width) tensor per group
     operand_lists: list[list[str]] = []
@@ -348,7 +351,8 @@ def build_plan(spec: CellSpec, project_input: bool) -> LayerPlan:
         carrier = pieces[0] if len(pieces) == 1 else f"cat(({', '.join(pieces)}), 1)"
         lists = [f"o{index}_{slot}" for slot in range(len(group.operands))]
         operand_lists.append(lists)
-        weights = [emit.weight(tuple(LinearSlot(n, group.slots[n][slot]) for n in group.columns)) for slot in range(len(group.operands))]
+        weights = [emit.weight(tuple(LinearSlot(n, group.slots[n][slot]) for n in group.columns))
+                   for slot in range(len(group.operands))]
         emit.line(1, f"{', '.join(lists)} = {', '.join('[]' for _ in lists)}")
         emit.line(
             1,
@@ -462,7 +466,8 @@ def _combine_elementwise(nodes: dict, order: list[str], hoisted: set[str], users
                 continue
             factors = nodes[product][1]
             for weight, difference in (factors, factors[::-1]):
-                if single_use(difference, "sub", product) and nodes[difference][1][1] == base and difference not in absorbed:
+                if (single_use(difference, "sub", product) and nodes[difference][1][1] == base
+                        and difference not in absorbed):
                     combined[name] = (COMBINED_TEMPLATES["lerp"], (base, nodes[difference][1][0], weight))
                     absorbed |= {product, difference}
                     break

@@ -86,7 +86,8 @@ class CellLayer(nn.Module):
             node = spec.nodes[name]
             widths = [(o, input_size if o == INPUT else hidden_size) for o in node.inputs]
             self.add_module(_NODE_PREFIX + name, LinearNode(widths, hidden_size, node.diag, node.bias))
-        self.input_projection = LinearNode([(INPUT, input_size)], hidden_size, 0.0, 0.0) if plan.projects_input else None
+        self.input_projection = (LinearNode([(INPUT, input_size)], hidden_size, 0.0, 0.0)
+                                 if plan.projects_input else None)
 
     def node(self, name: str) -> LinearNode:
         if name == PROJECTED_INPUT:
@@ -193,7 +194,8 @@ class CellRNN(nn.Module):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real) or not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be a number in [0, 1), got {dropout!r}")
-        if isinstance(init_scale, bool) or not isinstance(init_scale, numbers.Real) or not math.isfinite(init_scale) or init_scale < 0:
+        if (isinstance(init_scale, bool) or not isinstance(init_scale, numbers.Real)
+                or not math.isfinite(init_scale) or init_scale < 0):
             raise ValueError(f"init_scale must be a finite number >= 0, got {init_scale!r}")
         input_size, hidden_size, num_layers = int(input_size), int(hidden_size), int(num_layers)
         self.spec = spec
@@ -209,7 +211,8 @@ class CellRNN(nn.Module):
         self.plans = (first,) + (inner,) * (num_layers - 1)
         self._functions = tuple(compile_plan(p) for p in self.plans)
         self.layers = nn.ModuleList(
-            CellLayer(spec, input_size if i == 0 else hidden_size, hidden_size, plan) for i, plan in enumerate(self.plans)
+            CellLayer(spec, input_size if i == 0 else hidden_size, hidden_size, plan)
+            for i, plan in enumerate(self.plans)
         )
         self.reset_parameters(init_scale)
 
@@ -304,7 +307,8 @@ class CellRNN(nn.Module):
         if state is None:
             zeros = input.new_zeros((self.num_layers, batch, self.hidden_size))
             return tuple(zeros for _ in range(count))
-        tensors = (state,) if isinstance(state, torch.Tensor) else tuple(state) if isinstance(state, (tuple, list)) else None
+        tensors = ((state,) if isinstance(state, torch.Tensor)
+                   else tuple(state) if isinstance(state, (tuple, list)) else None)
         if tensors is None or len(tensors) != count or not all(isinstance(t, torch.Tensor) for t in tensors):
             want = "a tensor" if count == 1 else f"a tuple of {count} tensors ({', '.join(self.spec.states)})"
             raise ValueError(f"CellRNN: state must be {want}")

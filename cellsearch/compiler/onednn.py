@@ -94,7 +94,8 @@ def verify_route(mode: str = "auto") -> MatmulRouteCheck:
         reason = "no oneDNN float32 route on this CPU (the settings change nothing: the default library runs)"
     else:
         reason = "oneDNN routes exist but fail the float64 check: " + ", ".join(
-            f"{name} error {error:.2e} > {TOLERANCE_FACTOR:g} x {default_error:.2e}" for name, error in errors.items() if error is not None
+            f"{name} error {error:.2e} > {TOLERANCE_FACTOR:g} x {default_error:.2e}"
+            for name, error in errors.items() if error is not None
         )
     if mode == "on":
         raise RuntimeError(f"CPU matmul route: {reason}")

@@ -26,6 +26,7 @@ from typing import Any, Literal, Mapping
 from cellsearch.batching import BatchingConfig
 from cellsearch.config import ConfigError, from_mapping, load_yaml, option, to_mapping
 from cellsearch.devices import is_device_name
+from cellsearch.fidelity import HalvingConfig
 from cellsearch.errors import UserError, shown
 
 __all__ = ["ResourcesConfig", "SearchConfig", "load_search_config", "resolve_ptb_dir", "PTB_ENV"]
@@ -97,7 +98,8 @@ class SearchConfig:
     tasks: tuple[str, ...] = option(("arithmetic", "xml", "ptb"), "scored tasks, in the order candidates meet them",
                                     check=lambda v: len(v) > 0 and len(set(v)) == len(v),
                                     rule="a non-empty list without repeats")
-    budget_profile: Literal["smoke", "small", "medium", "paper"] = option("paper", "training budget profile of every task")
+    budget_profile: Literal["smoke", "small", "medium", "paper"] = option("paper",
+                                                                          "training budget profile of every task")
     population_size: int = option(100, "the population is the best N cells by score", check=lambda v: v >= 2,
                                   rule=">= 2")
     settings_per_task: int = option(20, "K: hyperparameter settings per task per evaluation", check=lambda v: v >= 1,
@@ -138,6 +140,16 @@ class SearchConfig:
                          rule="a torch device such as cpu, cuda or cuda:1")
     batching: BatchingConfig = option(None, "train a unit's same-shape settings as one batched model",
                                       factory=BatchingConfig)
+    confirm_seeds: int = option(
+        0, "a candidate scoring above 1 is trained again with its best setting and the reference cell's best setting "
+        "on this many fresh seeds shared by both (paired), and marked confirmed only when its paired ratio of means "
+        "(Fieller's 95% interval) stays above 1 on every task; 0: off (a score above 1 may be noise)",
+        check=lambda v: v == 0 or v >= 2, rule="0 or >= 2")
+    fidelity: HalvingConfig = option(
+        None, "successive halving over a unit's settings: train them to rungs of the budget and keep the best 1/eta "
+        "at each (pruned settings end as PRUNED trials); needs settings_per_unit >= 2 and ranks within a unit, so "
+        "set settings_per_unit = settings_per_task; off: every setting trains to the full budget",
+        factory=HalvingConfig)
     storage: str | None = option(
         None, "SQLAlchemy URL of the run database (null: SQLite in the run directory); a password in it is accepted "
         "with a warning, used for this session and never written anywhere (resume and load_run take it from "
@@ -159,7 +171,8 @@ class SearchConfig:
         from cellsearch.tasks import task_names
 
         known_tasks = task_names()
-        for key, names in (("tasks", self.tasks), ("memorize_task", (self.memorize_task,) if self.memorize_task else ())):
+        for key, names in (("tasks", self.tasks),
+                           ("memorize_task", (self.memorize_task,) if self.memorize_task else ())):
             unknown = [name for name in names if name not in known_tasks]
             if unknown:
                 raise ConfigError(f"{key}: unknown task {', '.join(unknown)}; known: {', '.join(known_tasks)}")
@@ -167,6 +180,9 @@ class SearchConfig:
         if unknown:
             raise ConfigError(f"initial_cells: unknown cell {', '.join(unknown)}; known: {', '.join(zoo.names())}")
         from_mapping(MutationConfig, dict(self.mutation), prefix="mutation.")
+        if self.fidelity.enabled and self.settings_per_unit < 2:
+            raise ConfigError("fidelity.enabled: successive halving ranks the settings of one unit; with "
+                              "settings_per_unit = 1 nothing would ever be pruned (set it to settings_per_task)")
         if self.reference_cell not in self.initial_cells:
             raise ConfigError(f"reference_cell: {self.reference_cell!r} is not one of initial_cells "
                               f"{list(self.initial_cells)}")

@@ -24,7 +24,8 @@ unit as it arrives. There is no generation barrier.
 
 Score: min over tasks of (cell's best on the task / reference cell's best on
 the task), always against the reference cell's *current* best, which rises as
-it is re-evaluated.
+it is re-evaluated (one definition: :mod:`cellsearch.scoring`). Selection and
+admission: :mod:`cellsearch.search.population`.
 
 Everything the driver knows is rebuilt from the database at start, so a
 fresh search and a resumed one run the same code: units planned but not
@@ -41,6 +42,11 @@ below ``min_free_space_mb`` the driver starts nothing new, lets the running
 units commit and raises :class:`~cellsearch.search.storage.StorageFull`; a
 write that fails (full disk, I/O error) or a database unreachable past
 ``storage_retry_s`` stops it at once. Committed work is intact either way.
+
+Size: the driver is one state machine (steps, stages, units, Optuna trials, resume reconciliation)
+whose transitions share its in-memory state; the pure parts live elsewhere (the score in
+:mod:`cellsearch.scoring`, the population policy in :mod:`cellsearch.search.population`, seeds in
+:mod:`cellsearch.search.seeds`, units in :mod:`cellsearch.search.units`).
 """
 
 from __future__ import annotations
@@ -57,13 +63,16 @@ import numpy as np
 from cellsearch import zoo
 from cellsearch.search import seeds
 from cellsearch.search.config import SearchConfig
+from cellsearch.scoring import score_of
+from cellsearch.search.confirmation import Confirmation, confirm, pairs_by_task
 from cellsearch.search.executors import Completion
+from cellsearch.search.population import PopulationPolicy
 from cellsearch.search.storage import PARAMETER_WIDTH, RunStorage, StorageError, StorageFull, engine_options, \
     tune_sqlite
 from cellsearch.search.units import SettingSpec, UnitSpec
 from cellsearch.spec import CellSpec, CellSpecError
 
-__all__ = ["SearchDriver", "Stage", "stages_for", "study_name", "Progress", "score_of"]
+__all__ = ["SearchDriver", "Stage", "stages_for", "study_name", "Progress"]
 
 #: A unit lost to system failures (worker or node death after Ray's own retries) is resubmitted this often.
 _RESUBMISSIONS = 2
@@ -82,6 +91,8 @@ def stages_for(kind: str, config: SearchConfig) -> list[Stage]:
     """The stages of a step of ``kind`` (seed, reevaluate, mutate)."""
     if kind in ("seed", "reevaluate"):
         return [Stage(config.tasks, config.settings_per_task, "none")]
+    if kind == "confirm":
+        return [Stage(config.tasks, config.confirm_seeds, "none")]
     memorize = [Stage((config.memorize_task,), config.memorize_settings, "memorize")] if config.memorize_task else []
     return memorize + [Stage((task,), config.settings_per_task, "ratio") for task in config.tasks]
 
@@ -89,17 +100,6 @@ def stages_for(kind: str, config: SearchConfig) -> list[Stage]:
 def study_name(cell_hash: str, task: str) -> str:
     """The Optuna study holding a cell's trials on a task."""
     return f"{cell_hash}/{task}"
-
-
-def score_of(best: Mapping[tuple[str, str], float], cell_hash: str, reference_hash: str,
-             tasks: tuple[str, ...]) -> float:
-    """min over tasks of best / reference best; NaN when the cell lacks a task."""
-    ratios = []
-    for task in tasks:
-        if (cell_hash, task) not in best:
-            return math.nan
-        ratios.append(best[(cell_hash, task)] / max(best.get((reference_hash, task), 0.0), 1e-12))
-    return min(ratios)
 
 
 @dataclass
@@ -118,6 +118,10 @@ class Progress:
     driver_seconds: float = 0.0
     #: Units committed in this session.
     session_units: int = 0
+    #: Candidates that scored above 1 when their evaluation ended (with ``confirm_seeds``: those sent to a confirm
+    #: step), and candidates whose confirm step confirmed them.
+    beat_reference: int = 0
+    confirmed: int = 0
 
 
 @dataclass
@@ -152,6 +156,7 @@ class SearchDriver:
         tune_sqlite(self.optuna_storage.engine)
         self._studies: dict[str, Any] = {}
         self.reference_hash = zoo.get(config.reference_cell).hash
+        self.policy = PopulationPolicy(config.selection, config.population_size, config.tournament_size)
         self.stop_mode: str | None = None
         # a second Ctrl-C or SIGTERM during a database outage stops at once, not after storage_retry_s
         storage.give_up = lambda: self.stop_mode == "abandon"
@@ -249,15 +254,28 @@ class SearchDriver:
             active = _ActiveStep(row["step"], row["kind"], row["cell_hash"], row["parent_hash"], row["stage"])
             for unit in self.storage.units_of_step(row["step"]):
                 active.units[unit["unit_id"]] = {"stage": unit["stage"], "task": unit["task"],
+                                                 "cell_hash": unit["cell_hash"],
                                                  "status": unit["status"],
                                                  "settings": json.loads(unit["settings_json"])}
             self._active[active.step] = active
-        for cell_hash in sorted({active.cell_hash for active in self._active.values()}):
+        for cell_hash in sorted({active.cell_hash for active in self._active.values()}
+                                | {u["cell_hash"] for active in self._active.values() for u in active.units.values()}):
             self._close_unrecorded_trials(cell_hash, self.config.all_tasks)
-        for active in self._active.values():
-            for unit_id, unit in sorted(active.units.items()):
-                if unit["status"] == "pending":
-                    self._enqueue(active, unit_id, unit)
+        # in creation order (unit ids), which is the order the interrupted driver queued them in: a resumed search
+        # trains them in the same order, so the same results arrive in the same order
+        pending = sorted((unit_id, active.step) for active in self._active.values()
+                         for unit_id, unit in active.units.items() if unit["status"] == "pending")
+        for unit_id, step in pending:
+            active = self._active[step]
+            self._enqueue(active, unit_id, active.units[unit_id])
+        self._confirming = {row["cell_hash"] for row in self.storage.steps_of_kind("confirm")}
+        confirmations = [row for row in self.storage.steps_of_kind("confirm") if row["status"] == "done"]
+        self.progress.confirmed = sum(row["outcome"] == "confirmed" for row in confirmations)
+        for row in self.storage.steps_of_kind("mutate"):
+            outcome = row["outcome"] or ""
+            self.progress.beat_reference += outcome.endswith((":confirm", ":above_reference"))
+            if outcome.endswith(":confirm") and row["cell_hash"] not in self._confirming:
+                self._start_confirmation(row["cell_hash"], advance=False)  # the loop advances every active step
 
     def _check_free_space(self) -> None:
         """Below ``min_free_space_mb`` on the database's disk: start nothing new, let running units commit."""
@@ -280,7 +298,7 @@ class SearchDriver:
         for unit in self.storage.untold_units():
             study = self._study(unit["cell_hash"], unit["task"])
             for evaluation in self.storage.evaluations_of_unit(unit["unit_id"]):
-                self._tell(study, evaluation["trial_number"], evaluation["status"], evaluation["score"])
+                self._tell(study, evaluation)
             self.storage.mark_told(unit["unit_id"])
 
     def _close_unrecorded_trials(self, cell_hash: str, tasks: tuple[str, ...]) -> None:
@@ -291,9 +309,9 @@ class SearchDriver:
 
         referenced: dict[str, set[int]] = {}
         for other in self._active.values():
-            if other.cell_hash != cell_hash:
-                continue
             for unit in other.units.values():
+                if unit["cell_hash"] != cell_hash:
+                    continue
                 referenced.setdefault(unit["task"], set()).update(s["trial_number"] for s in unit["settings"])
         for task in tasks:
             name = study_name(cell_hash, task)
@@ -327,8 +345,8 @@ class SearchDriver:
         return {"hash": spec.hash, "name": name or spec.name, "spec_json": spec.to_json(), "parent_hash": parent,
                 "mutation_json": json.dumps(mutation, default=str) if mutation is not None else None,
                 "step_created": step, "node_count": len(spec.nodes),
-                "params_per_width": spec.parameter_count(PARAMETER_WIDTH) / PARAMETER_WIDTH ** 2, "status": status, "rejected_by": rejected_by,
-                "duplicate_of": duplicate_of}
+                "params_per_width": spec.parameter_count(PARAMETER_WIDTH) / PARAMETER_WIDTH ** 2, "status": status,
+                "rejected_by": rejected_by, "duplicate_of": duplicate_of}
 
     def _seeds_done(self) -> bool:
         return not any(active.kind == "seed" for active in self._active.values())
@@ -404,13 +422,8 @@ class SearchDriver:
         return score_of(self._best, cell_hash, self.reference_hash, self.config.tasks)
 
     def _select(self, rng: np.random.Generator) -> str:
-        """A parent (or a member to re-evaluate): uniform, or the best of a random tournament."""
-        members = self._members()
-        if self.config.selection == "uniform":
-            return members[int(rng.integers(len(members)))]
-        size = min(self.config.tournament_size, len(members))
-        contestants = [members[i] for i in rng.choice(len(members), size=size, replace=False)]
-        return max(contestants, key=lambda h: (_finite(self._score(h)), h))
+        """A parent (or a member to re-evaluate), as the population policy chooses."""
+        return self.policy.select(self._members(), self._score, rng)
 
     def _spec(self, cell_hash: str) -> CellSpec:
         return CellSpec.from_dict(json.loads(self._specs[cell_hash]))
@@ -442,6 +455,10 @@ class SearchDriver:
         """Ask Optuna for the stage's settings, record its units (one transaction), queue them."""
         from cellsearch.hparams import make_sampler, sample_settings
 
+        if active.kind == "confirm":
+            self._plan_confirmation(active, stage)
+            return
+
         rows = []
         for task_name in stage.tasks:
             task_index = self.config.all_tasks.index(task_name)
@@ -468,16 +485,21 @@ class SearchDriver:
             if self.config.batching.enabled:
                 # same-shape settings side by side, so that a unit's settings can train as one batched model
                 # (layers, parameter budget and dropout fix the width for one cell and task)
-                settings.sort(key=lambda s: (s.hparams["num_layers"], s.hparams["parameter_budget"], s.hparams["dropout"]))
+                settings.sort(key=lambda s: (s.hparams["num_layers"], s.hparams["parameter_budget"],
+                                             s.hparams["dropout"]))
             group = self.config.settings_per_unit
             groups = [settings[i:i + group] for i in range(0, len(settings), group)] or [[]]
             for slot, chunk in enumerate(groups):
                 rows.append({"step": active.step, "stage": active.stage, "cell_hash": active.cell_hash,
                              "task": task_name, "slot": slot,
                              "settings_json": json.dumps([s.to_dict() for s in chunk])})
+        self._record_units(active, rows)
+
+    def _record_units(self, active: _ActiveStep, rows: list[dict[str, Any]]) -> None:
+        """Record a stage's units (one transaction) and queue them; a unit without settings is done at once."""
         ids = self.storage.add_units(rows)
         for unit_id, row in zip(ids, rows):
-            unit = {"stage": row["stage"], "task": row["task"], "status": "pending",
+            unit = {"stage": row["stage"], "task": row["task"], "cell_hash": row["cell_hash"], "status": "pending",
                     "settings": json.loads(row["settings_json"])}
             active.units[unit_id] = unit
             if not unit["settings"]:
@@ -485,6 +507,60 @@ class SearchDriver:
                 self._complete(Completion(unit_id, [], {}), active=active, advance=False)
             else:
                 self._enqueue(active, unit_id, unit)
+
+    def _plan_confirmation(self, active: _ActiveStep, stage: Stage) -> None:
+        """A confirm step's units: per task, the candidate's best setting and the reference's best setting, each on
+        the same ``confirm_seeds`` fresh seeds (seed i shared by both: the pairs). Each run is a new Optuna trial
+        with the best trial's parameters (enqueued), marked with the user attribute ``confirmation_of``."""
+        rows = []
+        for task_name in stage.tasks:
+            task_index = self.config.all_tasks.index(task_name)
+            shared_seeds = [seeds.derived_seed(self.config.seed, seeds.CONFIRM_STREAM, active.step, task_index, i)
+                            for i in range(stage.settings)]
+            space = self._task(task_name).space_for(self.config.budget_profile)
+            slot = 0
+            for cell_hash in (active.cell_hash, self.reference_hash):
+                def ask(cell_hash=cell_hash, task_name=task_name, space=space):
+                    study = self._study(cell_hash, task_name)
+                    best = _best_complete_trial(study)
+                    if best is None:
+                        return []
+                    asked = []
+                    for _ in shared_seeds:
+                        study.enqueue_trial(dict(best.params))
+                        trial = study.ask(space.distributions())
+                        trial.set_user_attr("confirmation_of", best.number)
+                        asked.append(trial)
+                    return asked
+
+                trials = self.storage.retry(
+                    ask, f"ask confirmation trials for {_short(study_name(cell_hash, task_name))}",
+                    before_retry=lambda c=cell_hash, t=task_name: self._close_unrecorded_trials(c, (t,)))
+                settings = [SettingSpec(trial.number, space.from_params(trial.params).to_dict(), seed)
+                            for trial, seed in zip(trials, shared_seeds)]
+                group = self.config.settings_per_unit
+                for chunk in [settings[i:i + group] for i in range(0, len(settings), group)] or [[]]:
+                    rows.append({"step": active.step, "stage": active.stage, "cell_hash": cell_hash,
+                                 "task": task_name, "slot": slot,
+                                 "settings_json": json.dumps([s.to_dict() for s in chunk])})
+                    slot += 1
+        self._record_units(active, rows)
+
+    def _start_confirmation(self, cell_hash: str, advance: bool = True) -> None:
+        """Start the confirm step of a candidate that scored above 1 (see :mod:`cellsearch.search.confirmation`)."""
+        step = self.storage.counter("next_step")
+        self.storage.start_step(step, "confirm", cell_hash, None, None)
+        active = _ActiveStep(step, "confirm", cell_hash, None, 0)
+        self._active[step] = active
+        self._confirming.add(cell_hash)
+        self._log(f"step {step}: confirming {cell_hash[:12]} (score {self._score(cell_hash):.4f}) on "
+                  f"{self.config.confirm_seeds} fresh seeds shared with {self.config.reference_cell}")
+        if advance:
+            self._advance(active)
+
+    def _confirmation(self, active: _ActiveStep) -> Confirmation:
+        rows = [row for unit_id in sorted(active.units) for row in self.storage.evaluations_of_unit(unit_id)]
+        return confirm(pairs_by_task(rows, active.cell_hash, self.reference_hash), self.config.tasks)
 
     def _enqueue_parent_settings(self, study, parent_hash: str | None, task: str) -> None:
         from optuna.trial import TrialState
@@ -504,10 +580,13 @@ class SearchDriver:
     def _enqueue(self, active: _ActiveStep, unit_id: int, unit: Mapping[str, Any]) -> None:
         resources = self.config.resources
         self._unit_specs[unit_id] = UnitSpec(
-            unit_id=unit_id, cell=json.loads(self._specs[active.cell_hash]), task=unit["task"],
+            unit_id=unit_id, cell=json.loads(self._specs[unit["cell_hash"]]), task=unit["task"],
             budget_profile=self.config.budget_profile,
             settings=tuple(SettingSpec.from_dict(s) for s in unit["settings"]), device=self.config.device,
-            num_threads=max(1, int(resources.num_cpus)), batching=self.config.batching.to_dict())
+            num_threads=max(1, int(resources.num_cpus)), batching=self.config.batching.to_dict(),
+            # a confirm step's settings are one setting on several seeds: nothing to rank
+            halving=self.config.fidelity.to_dict() if self.config.fidelity.enabled and active.kind != "confirm"
+            else None)
         self._unit_step[unit_id] = active.step
         self._ready.append(unit_id)
 
@@ -531,19 +610,20 @@ class SearchDriver:
                 self._ready.appendleft(unit_id)
             return
         if completion.results is None:
-            self._log(f"unit {unit_id} ({active.cell_hash[:12]} on {unit['task']}) failed; its settings score 0:\n"
+            self._log(f"unit {unit_id} ({unit['cell_hash'][:12]} on {unit['task']}) failed; its settings score 0:\n"
                       f"{completion.error}")
         rows = []
         for index, setting in enumerate(unit["settings"]):
             result = completion.results[index] if completion.results is not None else None
             rows.append(self._evaluation_row(setting, result, completion))
-        self.storage.commit_unit(unit_id, active.step, active.cell_hash, unit["task"], rows)
+        self.storage.commit_unit(unit_id, active.step, unit["cell_hash"], unit["task"], rows)
         unit["status"] = "done"
-        study = self._study(active.cell_hash, unit["task"])
+        study = self._study(unit["cell_hash"], unit["task"])
         for row in rows:
-            self._tell(study, row["trial_number"], row["status"], row["score"])
-            key = (active.cell_hash, unit["task"])
-            self._best[key] = max(self._best.get(key, -math.inf), row["score"])
+            self._tell(study, row)
+            if row["status"] != "pruned":  # a pruned setting's score is a partial one: not the cell's best
+                key = (unit["cell_hash"], unit["task"])
+                self._best[key] = max(self._best.get(key, -math.inf), row["score"])
         self.storage.mark_told(unit_id)
         self._unit_specs.pop(unit_id, None)
         self.progress.units_done += 1
@@ -567,16 +647,44 @@ class SearchDriver:
                 "epochs": result.get("epochs"), "metrics_json": json.dumps(result.get("metrics", {}), default=float),
                 "curve_json": json.dumps(result.get("curve"), default=float)}
 
-    def _tell(self, study, trial_number: int, status: str, score: float) -> None:
+    def _tell(self, study, evaluation: Mapping[str, Any]) -> None:
+        """Tell Optuna one trained setting (an evaluation row): COMPLETE with its score, FAIL for an error, and with
+        successive halving on, its learning curve as intermediate values and PRUNED for a pruned setting."""
         from optuna.trial import TrialState
 
+        trial_number, status, score = evaluation["trial_number"], evaluation["status"], evaluation["score"]
+        if self.config.fidelity.enabled and status != "error":
+            self._report_curve(study, trial_number, evaluation.get("curve_json"))
         # skip_if_finished: a trial told just before a crash (or by an attempt whose acknowledgement was lost)
         # is not told again.
         if status == "error":
             tell = lambda: study.tell(trial_number, state=TrialState.FAIL, skip_if_finished=True)  # noqa: E731
+        elif status == "pruned":
+            tell = lambda: study.tell(trial_number, state=TrialState.PRUNED, skip_if_finished=True)  # noqa: E731
         else:
             tell = lambda: study.tell(trial_number, score, skip_if_finished=True)  # noqa: E731
         self.storage.retry(tell, f"tell trial {trial_number} of {_short(study.study_name)}")
+
+    def _report_curve(self, study, trial_number: int, curve_json: str | None) -> None:
+        """The held-out score after each epoch as the trial's intermediate values (step -> score), so that
+        optuna-dashboard draws learning curves and shows where a pruned setting stopped. Idempotent: a retry or a
+        resume writes the same values again; a trial already finished is left alone."""
+        from optuna.trial import TrialState
+
+        curve = json.loads(curve_json) if curve_json else []
+        storage = self.optuna_storage
+
+        def report() -> None:
+            study_id = storage.get_study_id_from_name(study.study_name)
+            trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, trial_number)
+            if storage.get_trial(trial_id).state != TrialState.RUNNING:
+                return
+            for point in curve:
+                value = float(point.get("score", math.nan))
+                if math.isfinite(value):
+                    storage.set_trial_intermediate_value(trial_id, int(point["step"]), value)
+
+        self.storage.retry(report, f"report the curve of trial {trial_number} of {_short(study.study_name)}")
 
     # -- gates and outcomes -------------------------------------------------------------------------------------
 
@@ -603,39 +711,46 @@ class SearchDriver:
             changes.append((cell, "enter", self._score(cell)))
         elif active.kind == "reevaluate":
             outcome = "reevaluated"
+        elif active.kind == "confirm":
+            confirmation = self._confirmation(active)
+            outcome = "confirmed" if confirmation.confirmed else "not_confirmed"
+            self.progress.confirmed += confirmation.confirmed
+            self._log(f"step {active.step}: {cell[:12]} {confirmation.summary()}")
         elif rejected_by is not None:
             outcome = f"rejected:{rejected_by}"
             updates[cell] = {"status": "rejected", "rejected_by": rejected_by}
         else:
             outcome, updates, changes = self._admit(active, cell)
+            if self._score(cell) > 1:
+                # recorded with the outcome: the count survives a resume, and a driver killed before the confirm
+                # step started starts it on resume
+                self.progress.beat_reference += 1
+                outcome += ":confirm" if self.config.confirm_seeds else ":above_reference"
         self.storage.finish_step(active.step, outcome, updates, changes)
         for cell_hash, action, _ in changes:
             if action == "enter":
                 self._population[cell_hash] = active.step
             else:
                 self._population.pop(cell_hash, None)
-        if active.kind != "reevaluate":
+        if active.kind not in ("reevaluate", "confirm"):
             self.progress.cells_evaluated += 1
-        if active.kind != "seed":
+        if active.kind not in ("seed", "confirm"):
             self.progress.steps_done += 1
         del self._active[active.step]
+        if outcome.endswith(":confirm"):
+            self._start_confirmation(cell)
 
     def _admit(self, active: _ActiveStep, cell: str):
         """A candidate that passed every filter: does it enter the population, and who leaves?"""
         score = self._score(cell)
-        members = self._members()
-        full = len(members) >= self.config.population_size
-        if self.config.selection == "aging":
-            leaving = min(members, key=lambda h: (self._population[h], h)) if full else None
-        else:
-            leaving = min(members, key=lambda h: (_finite(self._score(h)), h)) if full else None
-            if leaving is not None and not score > self._score(leaving):
-                return "evaluated", {cell: {"status": "evaluated"}}, []
+        admission = self.policy.admit(score, self._population, self._score)
+        if not admission.enters:
+            return "evaluated", {cell: {"status": "evaluated"}}, []
         updates = {cell: {"status": "population"}}
         changes = [(cell, "enter", score)]
-        if leaving is not None:
-            updates[leaving] = {"status": "evaluated"}
-            changes.append((leaving, "leave", self._score(leaving)))
+        if admission.leaving is not None:
+            updates[admission.leaving] = {"status": "evaluated"}
+            changes.append((admission.leaving, "leave", self._score(admission.leaving)))
         return "entered", updates, changes
 
     # -- helpers ------------------------------------------------------------------------------------------------
@@ -673,11 +788,17 @@ class SearchDriver:
         self._on_progress(self.progress)
 
 
+def _best_complete_trial(study):
+    """The study's best COMPLETE trial (highest value, then the lowest number), or None."""
+    from optuna.trial import TrialState
+
+    trials = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.value is not None]
+    return min(trials, key=lambda t: (-t.value, t.number)) if trials else None
+
+
 def _short(name: str) -> str:
     """A study name for log lines: the cell's short hash and the task."""
     cell, _, task = name.partition("/")
     return f"{cell[:12]}/{task}"
 
 
-def _finite(value: float) -> float:
-    return value if math.isfinite(value) else -math.inf

@@ -7,7 +7,8 @@ Both executors share one small interface, so the driver cannot tell them apart:
 ``wait(timeout)``
     block until at least one unit finished (or ``timeout`` seconds passed) and
     return the :class:`Completion` of every unit that finished;
-``in_flight``, ``slots``, ``close()``.
+``in_flight``, ``slots``, ``stop()``, ``close()``;
+the written contract is :class:`Executor`.
 
 :class:`RayExecutor` runs each unit as a Ray task with the configured CPU and
 (fractional) GPU request, and ``max_retries`` so that a unit whose worker
@@ -37,15 +38,17 @@ import subprocess
 import sys
 import time
 import traceback
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator, Protocol, runtime_checkable
 
 from cellsearch.errors import UserError
 from cellsearch.search.config import ResourcesConfig
-from cellsearch.search.units import UnitSpec, run_unit, worker_info
+from cellsearch.search.units import UnitSpec, UnitStopped, run_unit, stoppable, worker_info
 
-__all__ = ["Completion", "SerialExecutor", "RayExecutor", "UnitFunction", "ClusterUnreachable", "check_cluster",
-           "attach_timeout", "attaches", "ATTACH_TIMEOUT_ENV", "DEFAULT_ATTACH_TIMEOUT_S"]
+__all__ = ["Executor", "Completion", "SerialExecutor", "RayExecutor", "UnitFunction", "ClusterUnreachable",
+           "check_cluster", "attach_timeout", "attaches", "embedded_on_loopback", "ATTACH_TIMEOUT_ENV",
+           "DEFAULT_ATTACH_TIMEOUT_S"]
 
 #: Environment variable: seconds that attaching to a Ray cluster may take before it fails (see the module docstring).
 ATTACH_TIMEOUT_ENV = "CELLSEARCH_RAY_ATTACH_TIMEOUT_S"
@@ -65,6 +68,53 @@ class Completion:
     error: str | None = None
     #: True when the failure was the system's (worker or node lost after every retry), not the unit's.
     system_failure: bool = False
+
+
+@runtime_checkable
+class Executor(Protocol):
+    """What the search driver (and a fidelity study) needs from whatever runs its units.
+
+    ``submit(unit)``
+        Start the unit (or queue it) and return at once; never raises for a unit's own failure.
+    ``wait(timeout)``
+        Block until at least one submitted unit has finished, or ``timeout`` seconds have passed
+        (``None``: no limit), and return a :class:`Completion` for every unit that finished, each
+        exactly once; ``[]`` when none did (or nothing is in flight). A unit whose Python code raised
+        comes back as ``Completion(error=<traceback>)`` and is not retried (it would fail again).
+    ``stop()``
+        "Stop now" (SIGTERM, a second Ctrl-C): called from a signal handler, so it only sets a flag
+        and returns. Running units end as soon as they can (the serial executor: after the current
+        training step) and are never reported; they stay pending in the database and re-run on resume.
+        Idempotent; ``wait`` returns ``[]`` from then on.
+    ``close()``
+        Cancel what still runs and release the executor's resources (an embedded Ray instance).
+    ``in_flight``, ``slots``
+        Units submitted and not yet returned by ``wait``; units that can run at once.
+    ``prepare(task_names)`` (optional)
+        Load the tasks' data before the first unit.
+
+    Failures. A worker process or node that dies (killed, out of host memory and reaped by the OOM
+    killer, a lost node) is the system's failure, not the unit's: Ray re-runs the unit up to
+    ``resources.max_retries`` times (``retry_exceptions=False``: only system failures are retried),
+    and past that the unit comes back with ``system_failure=True``, which the driver resubmits a few
+    times and otherwise leaves pending for ``resume``. A NaN or infinite loss is a result, never an
+    exception: the setting comes back with ``status`` ``"diverged"`` and score 0. Running out of
+    accelerator memory inside training is a result too: a batched group is retried one member at a
+    time, and a member that still does not fit comes back with ``status`` ``"oom"`` and score 0.
+    """
+
+    slots: int
+
+    @property
+    def in_flight(self) -> int: ...
+
+    def submit(self, unit: UnitSpec) -> None: ...
+
+    def wait(self, timeout: float | None = None) -> list["Completion"]: ...
+
+    def stop(self) -> None: ...
+
+    def close(self) -> None: ...
 
 
 def _results_as_dicts(results: list) -> list[dict[str, Any]]:
@@ -184,7 +234,11 @@ def check_cluster(address: str | None, timeout: float | None = None) -> None:
 
 
 class SerialExecutor:
-    """Runs units in this process, in submission order, one per :meth:`wait`."""
+    """Runs units in this process, in submission order, one per :meth:`wait`.
+
+    :meth:`stop` (from a signal handler) ends the running unit after its current training step
+    (:func:`cellsearch.search.units.stoppable`); it is not reported, and stays pending for resume.
+    """
 
     slots = 1
 
@@ -193,6 +247,10 @@ class SerialExecutor:
         self._unit_function = unit_function
         self._tasks: dict[str, Any] = {}
         self._queue: list[UnitSpec] = []
+        self._stopping = False
+
+    def stop(self) -> None:
+        self._stopping = True
 
     @property
     def in_flight(self) -> int:
@@ -207,19 +265,52 @@ class SerialExecutor:
         self._queue.append(unit)
 
     def wait(self, timeout: float | None = None) -> list[Completion]:
-        if not self._queue:
+        if not self._queue or self._stopping:
             return []
         unit = self._queue.pop(0)
         if unit.task not in self._tasks:
             self._tasks[unit.task] = self._load_task(unit.task)
         try:
-            results = _results_as_dicts(self._unit_function(unit, self._tasks[unit.task]))
+            with stoppable(lambda: self._stopping):
+                results = _results_as_dicts(self._unit_function(unit, self._tasks[unit.task]))
+        except UnitStopped:  # stop() during training: not a result; the unit stays pending
+            self._queue.insert(0, unit)
+            return []
         except Exception:  # a bad cell must not end the search; the driver records the error
             return [Completion(unit.unit_id, None, worker_info(), error=traceback.format_exc())]
         return [Completion(unit.unit_id, results, worker_info())]
 
     def close(self) -> None:
         self._queue.clear()
+
+
+@contextmanager
+def embedded_on_loopback() -> Iterator[None]:
+    """Make the embedded Ray instance started inside this block listen on 127.0.0.1 only.
+
+    Ray 2.60 binds its gRPC servers (GCS, raylet, object manager, every core worker, the dashboard
+    agent) to the node's IP address when that is a loopback address and to every interface otherwise,
+    and the agents' HTTP servers (runtime env agent, Prometheus metrics export) likewise. ``ray.init``
+    turns ``_node_ip_address="127.0.0.1"`` into the machine's outward address on Linux
+    (``resolve_ip_for_localhost``); only where Ray thinks clusters are unsupported (macOS, Windows:
+    ``ray_constants.ENABLE_RAY_CLUSTER`` false) does the node take the loopback address. A local
+    instance is never joined by other nodes, so this block sets that flag for the start (a private Ray
+    attribute: where it is missing the instance starts as before, token authentication still on).
+    """
+    try:
+        from ray._private import ray_constants
+    except ImportError:  # pragma: no cover - a Ray without it: its own defaults
+        yield
+        return
+    if not hasattr(ray_constants, "ENABLE_RAY_CLUSTER"):
+        yield
+        return
+    previous = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = previous
 
 
 class RayExecutor:
@@ -244,8 +335,10 @@ class RayExecutor:
             if not attaches(address):
                 # "local": a new instance even when another one on this machine is recorded in
                 # /tmp/ray/ray_current_cluster (ray.init() without an address would attach to it).
-                ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=True,
-                         configure_logging=False)
+                # On loopback only (see embedded_on_loopback): nothing of it is reachable from the network.
+                with embedded_on_loopback():
+                    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, dashboard_host="127.0.0.1",
+                             log_to_driver=True, configure_logging=False)
             else:
                 check_cluster(address)  # ray.init itself would wait up to a quarter of an hour for a dead address
                 ray.init(address=address, log_to_driver=True, configure_logging=False)
@@ -312,6 +405,10 @@ class RayExecutor:
                 completions.append(Completion(unit_id, None, {}, error=f"{type(error).__name__}: {error}",
                                               system_failure=True))
         return completions
+
+    def stop(self) -> None:
+        """Stop now: nothing to do here (a signal handler calls it); :meth:`close` cancels the running tasks."""
+        self._stopping = True
 
     def close(self) -> None:
         """Cancel what is still running and, if this executor started Ray, shut it down."""

@@ -35,16 +35,20 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import sqlalchemy as sa
+import yaml
 
 from cellsearch.config import from_mapping, load_yaml, read_data_file
 from cellsearch.errors import UserError
 from cellsearch.search.config import SearchConfig, resolve_ptb_dir
 from cellsearch.search.driver import Progress, SearchDriver
-from cellsearch.search.storage import RunStorage, STORAGE_URL_ENV, connect_url, has_password, normalize_url, \
-    redact_url, remember_url, sqlite_path, sqlite_url
+from cellsearch.search.lock import DATABASE_LOCK_SUFFIX, LOCK_NAME, acquire as acquire_lock, \
+    check_free as check_lock_free
+from cellsearch.search.storage import DEFAULT_RETRY_S, RunStorage, STORAGE_URL_ENV, connect_url, has_password, \
+    normalize_url, redact_url, remember_url, sqlite_path, sqlite_url
 
 __all__ = ["package_versions", "create_run", "open_run", "make_executor", "drive", "stop_on_signals",
-           "task_loader", "read_run_info", "ensure_writable"]
+           "task_loader", "read_run_info", "ensure_writable", "check_run_directory", "config_changes",
+           "check_version", "RUN_FILES"]
 
 _PACKAGES = ("torch", "ray", "optuna", "pandas", "numpy", "networkx", "sqlalchemy", "cellsearch")
 
@@ -80,6 +84,35 @@ def read_run_info(run_dir: str | Path) -> dict[str, Any]:
     if stored is not None and stored.name == "run.db" and stored.parent != local.parent and local.is_file():
         info = {**info, "storage": sqlite_url(local)}
     return info
+
+
+#: Names a run directory may hold, besides the lock, write probes and temporary files (hidden names).
+RUN_FILES = frozenset({"config.yaml", "versions.json", "run.json", "run.db", "run.db-wal", "run.db-shm",
+                       "run.db-journal", "report"})
+
+
+def check_run_directory(run_dir: Path) -> None:
+    """Refuse an existing directory that holds files a search did not write (``--run-dir`` given by mistake).
+
+    An empty directory, or one left by a search stopped before its ``run.json`` (only the files a
+    search writes), is fine; anything else is the user's, and a search must not mix its files in.
+    """
+    try:
+        names = sorted(entry.name for entry in os.scandir(run_dir))
+    except FileNotFoundError:
+        return
+    except NotADirectoryError:
+        if not run_dir.exists():
+            return  # a parent is a file: ensure_writable says "cannot create the run directory" and why
+        raise UserError(f"the run directory {run_dir} exists and is not a directory") from None
+    except OSError as error:
+        raise UserError(f"cannot read the run directory {run_dir}: {error.strerror or error}") from None
+    foreign = [name for name in names if not (name in RUN_FILES or name == LOCK_NAME or name.startswith(
+        ".cellsearch-write-test-") or (name.startswith(".") and name.endswith((".tmp", DATABASE_LOCK_SUFFIX))))]
+    if foreign:
+        listed = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise UserError(f"--run-dir {run_dir} already holds files that are not a cellsearch run ({listed}); give a "
+                        f"new or empty directory")
 
 
 def ensure_writable(run_dir: Path) -> None:
@@ -128,10 +161,31 @@ def create_run(config: SearchConfig, run_dir: str | Path,
     log = log or (lambda message: print(message, file=sys.stderr))
     run_dir = Path(run_dir)
     if (run_dir / "run.json").exists():
+        check_lock_free(run_dir, f"the run directory {run_dir}")  # a running search is named
         raise UserError(f"{run_dir} already holds a search; continue it with `cellsearch resume {run_dir}`")
+    check_run_directory(run_dir)
     ptb_dir = resolve_ptb_dir(config)  # before the directory exists: a bad data directory leaves nothing behind
+    if "ptb" in config.all_tasks:
+        # read and checksum-verified now (cached: the driver reuses it), so that corrupt or unreadable data
+        # fails before a run directory exists whose config would pin that data directory
+        _cached_task("ptb", ptb_dir)
     ensure_writable(run_dir)
     url = normalize_url(config.storage or sqlite_url(run_dir / "run.db"))
+    # One driver per run: the lock comes before anything else is written (two searches racing for a new
+    # run directory: one wins, the other refuses naming it; run.json is written by the winner only).
+    lock = acquire_lock(run_dir, f"the run directory {run_dir}", connect_url(url) if not has_password(url) else url,
+                        redact_url(url), command="cellsearch search", log=log)
+    try:
+        return _create_locked(config, run_dir, url, ptb_dir, lock, log)
+    except BaseException:
+        lock.release()
+        raise
+
+
+def _create_locked(config: SearchConfig, run_dir: Path, url: str, ptb_dir: str | None, lock,
+                   log: Callable[[str], None]) -> tuple[SearchConfig, RunStorage]:
+    if (run_dir / "run.json").exists():  # created by a driver that held the lock just before this one
+        raise UserError(f"{run_dir} already holds a search; continue it with `cellsearch resume {run_dir}`")
     if has_password(url):
         remember_url(url)
         log(f"warning: the password in the storage URL is used for this session but not stored; `cellsearch "
@@ -140,6 +194,7 @@ def create_run(config: SearchConfig, run_dir: str | Path,
         url = connect_url(url)
     resolved = config.with_overrides(storage=redact_url(url), ptb_dir=ptb_dir)
     storage = RunStorage(url, create=True, retry_s=resolved.storage_retry_s, log=log)
+    storage.hold(lock.release)
     existing = storage.run_row()
     if existing is not None:
         storage.close()
@@ -161,30 +216,133 @@ def open_run(run_dir: str | Path, log: Callable[[str], None] | None = None,
     """Reopen a run for ``resume``; ``overrides`` (e.g. a larger ``max_steps``) are saved to its config.
 
     The database is reached with the stored URL and the password from the environment
-    (:func:`~cellsearch.search.storage.connect_url`).
+    (:func:`~cellsearch.search.storage.connect_url`). The run's lock is taken before anything is
+    written (a second ``resume`` refuses, naming the first). The config stored in the database is
+    the run's config: a ``config.yaml`` edited since is refused with the changed keys (a missing one
+    is written again); ``max_steps`` may grow, or shrink to no fewer steps than were started, and
+    the change is stored in the database first, so every reader sees it.
     """
     log = log or (lambda message: print(message, file=sys.stderr))
     run_dir = Path(run_dir)
     info = read_run_info(run_dir)
-    config = from_mapping(SearchConfig, load_yaml(run_dir / "config.yaml"))
+    config_file = run_dir / "config.yaml"
+    file_config = from_mapping(SearchConfig, load_yaml(config_file)) if config_file.is_file() else None
+    retry_s = file_config.storage_retry_s if file_config is not None else DEFAULT_RETRY_S
     ensure_writable(run_dir)
-    storage = RunStorage(connect_url(info["storage"]), retry_s=config.storage_retry_s, log=log)
+    url = connect_url(info["storage"])
+    _check_database_file(run_dir, url)
+    lock = acquire_lock(run_dir, f"the run directory {run_dir}", url, redact_url(url), command="cellsearch resume",
+                        log=log)
+    try:
+        storage = RunStorage(url, retry_s=retry_s, log=log)
+    except BaseException:
+        lock.release()
+        raise
+    storage.hold(lock.release)
+    try:
+        return _open_locked(run_dir, info, file_config, storage, overrides, log)
+    except BaseException:
+        storage.close()
+        raise
+
+
+def _open_locked(run_dir: Path, info: dict[str, Any], file_config: SearchConfig | None, storage: RunStorage,
+                 overrides: dict[str, Any], log: Callable[[str], None]) -> tuple[SearchConfig, RunStorage]:
+    config_file = run_dir / "config.yaml"
     row = storage.run_row()
     if row is None:
+        if not sa.inspect(storage.engine).has_table("cs_run"):
+            # `search` creates the tables before it writes run.json: a database without them was replaced.
+            raise UserError(f"the run database {storage.display_url} holds no cellsearch tables (it was emptied or "
+                            f"replaced); restore it from a backup, or start a new search")
+        if file_config is None:
+            raise UserError(f"{config_file} is missing and the database holds no config; start a new search")
         # `cellsearch search` was stopped after writing run.json but before its first transaction.
         log(f"finishing the creation of run {info['run_id']} (its first start was interrupted)")
         versions_file = run_dir / "versions.json"
         versions = json.loads(versions_file.read_text(encoding="utf-8")) if versions_file.is_file() else {}
-        storage.create_run(info["run_id"], config.to_yaml(), versions or package_versions())
+        storage.create_run(info["run_id"], file_config.to_yaml(), versions or package_versions())
+        config = file_config
     elif row["run_id"] != info["run_id"]:
-        storage.close()
         raise UserError(f"the database of {run_dir} does not hold run {info['run_id']}")
-    changed = {k: v for k, v in overrides.items() if v is not None}
+    else:
+        config = from_mapping(SearchConfig, yaml.safe_load(row["config_yaml"]))
+        check_version(run_dir, row, log)
+        if file_config is not None:
+            changes = config_changes(config, file_config)
+            if changes:
+                raise UserError(f"{config_file} differs from the config stored with the run ({changes}); the stored "
+                                f"config is the run's: undo the edit, or delete {config_file.name} to have it "
+                                f"written again (--max-steps changes the length)")
+    changed = {k: v for k, v in overrides.items() if v is not None and v != getattr(config, k)}
+    if "max_steps" in changed:
+        counts = storage.counts()
+        started, done = counts["search_steps"], counts["search_steps_done"]
+        if changed["max_steps"] < started:
+            raise UserError(f"--max-steps {changed['max_steps']} is below the {started} search steps this run has "
+                            f"already started ({done} done); give at least {started}")
     if changed:
         config = config.with_overrides(**changed)
-        _write_file(run_dir / "config.yaml", config.to_yaml())
+        # the database first: it is what every reader (resume, top, report, load_run) goes by
         storage.update_config(config.to_yaml())
+        _write_file(config_file, config.to_yaml())
+    elif file_config is None:
+        log(f"note: {config_file} was missing; written again from the run database")
+        _write_file(config_file, config.to_yaml())
     return config, storage
+
+
+def config_changes(old: SearchConfig, new: SearchConfig, limit: int = 6) -> str:
+    """``key: old -> new, ...`` for the keys whose values differ (nested keys dotted), at most ``limit`` shown."""
+    from cellsearch.config import to_mapping
+    from cellsearch.errors import shown
+
+    def flat(value: Any, prefix: str = "") -> dict[str, Any]:
+        if isinstance(value, dict):
+            out: dict[str, Any] = {}
+            for key, item in value.items():
+                out.update(flat(item, f"{prefix}{key}."))
+            return out
+        return {prefix[:-1]: value}
+
+    before, after = flat(to_mapping(old)), flat(to_mapping(new))
+    keys = [key for key in dict.fromkeys([*before, *after]) if before.get(key) != after.get(key)]
+    text = ", ".join(f"{key}: {shown(before.get(key), 30)} -> {shown(after.get(key), 30)}" for key in keys[:limit])
+    return text + (f", and {len(keys) - limit} more" if len(keys) > limit else "")
+
+
+def _check_database_file(run_dir: Path, url: str) -> None:
+    """A SQLite run database that is missing or 0 bytes is named as such (SQLite would make an empty one).
+
+    A copied run directory without its run.db is refused too: its run.json still names the original's
+    database, and a copy must never write into the original's run.
+    """
+    database = sqlite_path(url)
+    if database is None:
+        return
+    database = database.resolve()
+    local = run_dir.resolve() / "run.db"
+    if database != local and database.name == "run.db" and (database.parent / "run.json").is_file():
+        raise UserError(f"the run database {local} of {run_dir} is missing (its run.json names {database}, the "
+                        f"database of the run directory {database.parent}); restore it, or resume that run instead")
+    if not database.exists():
+        raise UserError(f"the run database {database} of {run_dir} is missing; restore it from a backup, or start "
+                        f"a new search")
+    if database.is_file() and database.stat().st_size == 0:
+        raise UserError(f"the run database {database} of {run_dir} is empty (0 bytes: truncated or replaced); "
+                        f"restore it from a backup, or start a new search")
+
+
+def check_version(run_dir: Path, row: Any, log: Callable[[str], None]) -> None:
+    """A run started by another cellsearch version is accepted with one warning line."""
+    try:
+        started = json.loads(row["versions_json"]).get("cellsearch")
+    except (ValueError, AttributeError, TypeError):
+        started = None
+    current = package_versions().get("cellsearch")
+    if started and current and started != current:
+        log(f"warning: {run_dir} was started by cellsearch {started}, this is {current}; continuing it (see "
+            f"versions.json)")
 
 
 @functools.lru_cache(maxsize=16)
@@ -229,17 +387,23 @@ def stop_on_signals(driver: SearchDriver, log: Callable[[str], None]) -> Iterato
 
     Units stopped at once stay pending in the database and re-run on resume.
     """
+    def stop_now() -> None:
+        driver.request_stop("abandon")
+        stop = getattr(driver.executor, "stop", None)
+        if stop is not None:
+            stop()  # the serial executor ends its unit after the current training step
+
     def on_interrupt(signum, frame):
         if driver.stop_mode is None:
             log("interrupted: finishing the running units (Ctrl-C again to stop now; they re-run on resume)")
             driver.request_stop("drain")
         else:
             log("stopping now; unfinished units re-run on resume")
-            driver.request_stop("abandon")
+            stop_now()
 
     def on_terminate(signum, frame):
         log("terminated: stopping now; unfinished units re-run on resume")
-        driver.request_stop("abandon")
+        stop_now()
 
     previous = {signal.SIGINT: signal.signal(signal.SIGINT, on_interrupt),
                 signal.SIGTERM: signal.signal(signal.SIGTERM, on_terminate)}

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["STEP_STREAM", "SAMPLER_STREAM", "TRAIN_STREAM", "generator", "derived_seed", "hash_key"]
+__all__ = ["STEP_STREAM", "SAMPLER_STREAM", "TRAIN_STREAM", "CONFIRM_STREAM", "generator", "derived_seed",
+           "hash_key"]
 
 #: What a step decides: re-evaluate or mutate, the parent, the mutation.
 STEP_STREAM = 1
@@ -19,6 +20,8 @@ STEP_STREAM = 1
 SAMPLER_STREAM = 2
 #: Training seeds of individual settings.
 TRAIN_STREAM = 3
+#: The fresh seeds of a confirmation, shared by the candidate and the reference cell (paired runs).
+CONFIRM_STREAM = 4
 
 
 def _sequence(run_seed: int, stream: int, keys: tuple[int, ...]) -> np.random.SeedSequence:

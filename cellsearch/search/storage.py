@@ -28,6 +28,10 @@ Credentials. A storage URL written anywhere (``run.json``, ``config.yaml``, the
 from the environment (:func:`connect_url`): libpq's ``PGPASSWORD`` or
 ``~/.pgpass``, or a full URL in ``$CELLSEARCH_STORAGE_URL`` naming the same
 server and database.
+
+Size: one module on purpose. The table declarations, the fault classification (what is transient,
+what is a full disk) and the writes that rely on both (each idempotent under retry) are one contract;
+split apart, a new write could easily miss the retry rules it must follow.
 """
 
 from __future__ import annotations
@@ -54,7 +58,7 @@ PARAMETER_WIDTH = 128
 __all__ = ["PARAMETER_WIDTH", "RunStorage", "metadata", "sqlite_url", "sqlite_path", "normalize_url", "make_engine",
            "tune_sqlite", "engine_options", "redact_url", "connect_url", "remember_url", "has_password",
            "STORAGE_URL_ENV", "StorageError", "StorageFull", "StorageUnreachable", "is_transient", "is_storage_full",
-           "retry", "DEFAULT_RETRY_S",
+           "retry", "DEFAULT_RETRY_S", "is_damaged", "one_line_errors",
            "CELLS", "STEPS", "UNITS", "EVALUATIONS", "POPULATION", "STATE", "RUN"]
 
 #: Environment variable holding a full storage URL (with its password) for connecting; it is used only when it
@@ -489,6 +493,40 @@ def retry(operation: Callable[[], _T], what: str, window_s: float, log: Callable
             wait = min(2 * wait, _LONGEST_WAIT_S)
 
 
+#: Messages and SQLSTATEs of a damaged, truncated or foreign database (a reader cannot do anything about them).
+_DAMAGE_MESSAGES = ("no such table", "no such column", "malformed", "not a database", "file is encrypted",
+                    "does not exist")
+_DAMAGE_SQLSTATES = ("42P01", "42703", "XX001", "XX002")
+
+
+def is_damaged(error: BaseException) -> bool:
+    """Whether ``error`` means the database is damaged, truncated or not a run database (a table is missing)."""
+    for cause in _causes(error):
+        if _sqlstate(cause).startswith(_DAMAGE_SQLSTATES):
+            return True
+        if type(cause).__module__.split(".")[0] in _DBAPI_MODULES and any(
+                text in str(cause).lower() for text in _DAMAGE_MESSAGES):
+            return True
+    return False
+
+
+def one_line_errors(engine: sa.Engine, where: str) -> sa.Engine:
+    """Database errors on ``engine`` (a reader's) become one :class:`UserError` line naming ``where``.
+
+    A damaged file (random bytes, truncated, 0 bytes, a dropped table) says so and what to do; any
+    other failure (an unreachable server) is named with the driver's own first line.
+    """
+    @sa.event.listens_for(engine, "handle_error")
+    def _one_line(context) -> None:
+        error = context.original_exception
+        if is_damaged(error):
+            raise UserError(f"{where} is damaged or not a cellsearch run database ({_summary(error)}); restore it "
+                            f"from a backup") from None
+        raise UserError(f"cannot read {where}: {_summary(error)}") from None
+
+    return engine
+
+
 def _stderr(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
@@ -508,6 +546,8 @@ class RunStorage:
         self.log = log or _stderr
         #: Asked while a retry waits: True ends the wait (the driver sets it: "stop now" was requested).
         self.give_up: Callable[[], bool] | None = None
+        #: Released by :meth:`close`: the run's lock (:mod:`cellsearch.search.lock`), once the run holds it.
+        self._held: list[Callable[[], None]] = []
         try:
             self.display_url = redact_url(url)
             self.engine = make_engine(url)
@@ -523,6 +563,12 @@ class RunStorage:
 
     def close(self) -> None:
         self.engine.dispose()
+        while self._held:
+            self._held.pop()()
+
+    def hold(self, release: Callable[[], None]) -> None:
+        """Call ``release`` when this storage is closed (the run's lock is held exactly as long as the storage)."""
+        self._held.append(release)
 
     def retry(self, operation: Callable[[], _T], what: str, before_retry: Callable[[], None] | None = None) -> _T:
         """``operation()`` under this storage's retry policy (see :func:`retry`); the driver's Optuna calls use it."""
@@ -605,9 +651,10 @@ class RunStorage:
         return self._read("read cells", lambda c: list(c.execute(query).mappings()))
 
     def best_scores(self) -> dict[tuple[str, str], float]:
-        """(cell hash, task) -> best score over every committed evaluation."""
-        query = sa.select(EVALUATIONS.c.cell_hash, EVALUATIONS.c.task, sa.func.max(EVALUATIONS.c.score)).group_by(
-            EVALUATIONS.c.cell_hash, EVALUATIONS.c.task)
+        """(cell hash, task) -> best score over every committed evaluation, except pruned settings (a score at a
+        rung of successive halving is a partial one)."""
+        query = sa.select(EVALUATIONS.c.cell_hash, EVALUATIONS.c.task, sa.func.max(EVALUATIONS.c.score)).where(
+            EVALUATIONS.c.status != "pruned").group_by(EVALUATIONS.c.cell_hash, EVALUATIONS.c.task)
         return self._read("read best scores", lambda c: {
             (cell, task): float(best) for cell, task, best in c.execute(query)})
 
@@ -620,6 +667,10 @@ class RunStorage:
     def active_steps(self) -> list[Mapping[str, Any]]:
         query = sa.select(STEPS).where(STEPS.c.status == "active").order_by(STEPS.c.step)
         return self._read("read active steps", lambda c: list(c.execute(query).mappings()))
+
+    def steps_of_kind(self, kind: str) -> list[Mapping[str, Any]]:
+        query = sa.select(STEPS).where(STEPS.c.kind == kind).order_by(STEPS.c.step)
+        return self._read(f"read {kind} steps", lambda c: list(c.execute(query).mappings()))
 
     def units_of_step(self, step: int) -> list[Mapping[str, Any]]:
         query = sa.select(UNITS).where(UNITS.c.step == step).order_by(UNITS.c.unit_id)
@@ -638,9 +689,11 @@ class RunStorage:
         def body(connection: sa.Connection) -> dict[str, int]:
             scalar = lambda q: int(connection.execute(q).scalar_one() or 0)  # noqa: E731
             return {
-                "search_steps": scalar(sa.select(sa.func.count()).select_from(STEPS).where(STEPS.c.kind != "seed")),
+                # seed and confirm steps are not search steps (max_steps counts mutations and re-evaluations)
+                "search_steps": scalar(sa.select(sa.func.count()).select_from(STEPS).where(
+                    STEPS.c.kind.notin_(("seed", "confirm")))),
                 "search_steps_done": scalar(sa.select(sa.func.count()).select_from(STEPS).where(
-                    STEPS.c.kind != "seed", STEPS.c.status == "done")),
+                    STEPS.c.kind.notin_(("seed", "confirm")), STEPS.c.status == "done")),
                 "units_done": scalar(sa.select(sa.func.count()).select_from(UNITS).where(UNITS.c.status == "done")),
                 "evaluations": scalar(sa.select(sa.func.count()).select_from(EVALUATIONS)),
                 # Cells whose evaluation ended (passed or stopped by a filter), duplicates excluded.

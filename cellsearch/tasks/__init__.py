@@ -18,7 +18,7 @@ from pathlib import Path
 from cellsearch.errors import UserError
 from cellsearch.tasks.base import PROFILES, Budget, Split, Task, TaskFile, load_task_file
 
-__all__ = ["get_task", "task_names", "tasks_dir", "Task", "Budget", "Split", "TaskFile", "PROFILES"]
+__all__ = ["get_task", "task_names", "tasks_dir", "task_path", "Task", "Budget", "Split", "TaskFile", "PROFILES"]
 
 _REPO_TASKS = Path(__file__).resolve().parents[2] / "tasks"
 
@@ -33,7 +33,8 @@ def task_names() -> tuple[str, ...]:
     return tuple(sorted(p.stem for p in tasks_dir().glob("*.yaml")))
 
 
-def _task_path(name: str) -> Path:
+def task_path(name: str) -> Path:
+    """The task file of ``name``: a task in :func:`tasks_dir`, or a task file path."""
     path = Path(name)
     if path.suffix in (".yaml", ".yml") and path.is_file():
         return path
@@ -52,4 +53,4 @@ def _load(path: Path, data_dir: str | None) -> Task:
 
 def get_task(name: str, data_dir: str | os.PathLike | None = None) -> Task:
     """The task ``name`` (a task in :func:`tasks_dir` or a task file path); ``data_dir`` is for ptb."""
-    return _load(_task_path(name).resolve(), None if data_dir is None else str(data_dir))
+    return _load(task_path(name).resolve(), None if data_dir is None else str(data_dir))

@@ -26,8 +26,12 @@ VOCABULARY = tuple(string.digits) + tuple(string.ascii_lowercase) + ("+", "-", "
 
 @dataclass(frozen=True)
 class ArithmeticData(StreamSizes):
-    max_digits: int = option(8, "operands have 1..max_digits digits (paper: 8)", check=lambda n: 1 <= n <= 30, rule="1..30")
-    max_distractors: int = option(3, "0..N random letters after each input character", check=lambda n: 0 <= n <= 20, rule="0..20")
+    max_digits: int = option(
+        8, "operands have 1..max_digits digits (paper: 8)", check=lambda n: 1 <= n <= 30, rule="1..30"
+    )
+    max_distractors: int = option(
+        3, "0..N random letters after each input character", check=lambda n: 0 <= n <= 20, rule="0..20"
+    )
 
 
 def _operand(config: ArithmeticData, rng: random.Random) -> int:
@@ -45,7 +49,9 @@ def make_example(config: ArithmeticData, rng: random.Random) -> Example:
     pieces = []
     for character in f"{first}{operator}{second}":
         pieces.append(character)
-        pieces.append("".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(0, config.max_distractors))))
+        pieces.append(
+            "".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(0, config.max_distractors)))
+        )
     question = "".join(pieces) + "="
     reply = f"{answer}."
     return question + reply, "0" * len(question) + "1" * len(reply)

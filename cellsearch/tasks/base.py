@@ -37,7 +37,18 @@ import numpy as np
 from cellsearch.config import ConfigError, from_mapping, load_yaml, option, to_mapping
 from cellsearch.hparams import HyperParameterSpace, HyperParams
 
-__all__ = ["Budget", "Profile", "RetrainPreset", "TaskFile", "Split", "Task", "PROFILES", "load_task_file", "encode_text", "data_config"]
+__all__ = [
+    "Budget",
+    "Profile",
+    "RetrainPreset",
+    "TaskFile",
+    "Split",
+    "Task",
+    "PROFILES",
+    "load_task_file",
+    "encode_text",
+    "data_config",
+]
 
 #: Budget profiles every task file defines: a test budget, a laptop hour, a cluster or overnight run, the paper.
 PROFILES = ("smoke", "small", "medium", "paper")
@@ -54,22 +65,34 @@ def _positive_or_none(value: Any) -> bool:
 class Budget:
     """How long one training run may go on (see :func:`cellsearch.training.train_and_evaluate`)."""
 
-    max_epochs: int = option(50, "upper bound on epochs (the LR decay usually stops earlier)", check=lambda n: n >= 1, rule=">= 1")
+    max_epochs: int = option(
+        50, "upper bound on epochs (the LR decay usually stops earlier)", check=lambda n: n >= 1, rule=">= 1"
+    )
     steps_per_epoch: int | None = option(
         None, "steps between held-out evaluations; null = one full pass over the training stream",
         check=_positive_or_none, rule="> 0 or null",
     )
-    max_steps: int | None = option(None, "hard cap on optimizer steps over the whole run", check=_positive_or_none, rule="> 0 or null")
+    max_steps: int | None = option(
+        None, "hard cap on optimizer steps over the whole run", check=_positive_or_none, rule="> 0 or null"
+    )
     max_seconds: float | None = option(
         None, "wall-clock cap; reaching it ends the run with status 'timeout' and the score so far",
         check=_positive_or_none, rule="> 0 or null",
     )
     eval_tokens: int | None = option(
-        None, "evaluate on at most this many held-out tokens (null = the whole split)", check=_positive_or_none, rule="> 0 or null"
+        None, "evaluate on at most this many held-out tokens (null = the whole split)",
+        check=_positive_or_none, rule="> 0 or null",
     )
-    patience: int = option(3, "epochs without held-out improvement before the LR decay starts (paper: 3)", check=lambda n: n >= 1, rule=">= 1")
-    decay_epochs: int = option(4, "epochs run with a halving LR before stopping (paper: 4)", check=lambda n: n >= 0, rule=">= 0")
-    decay_factor: float = option(0.5, "LR multiplier per decay epoch (paper: halve)", check=lambda f: 0 < f < 1, rule="0 < f < 1")
+    patience: int = option(
+        3, "epochs without held-out improvement before the LR decay starts (paper: 3)",
+        check=lambda n: n >= 1, rule=">= 1",
+    )
+    decay_epochs: int = option(
+        4, "epochs run with a halving LR before stopping (paper: 4)", check=lambda n: n >= 0, rule=">= 0"
+    )
+    decay_factor: float = option(
+        0.5, "LR multiplier per decay epoch (paper: halve)", check=lambda f: 0 < f < 1, rule="0 < f < 1"
+    )
     evaluate_test: bool = option(False, "after training, also score the best model on the test split")
 
     def to_dict(self) -> dict[str, Any]:
@@ -187,7 +210,9 @@ class Task:
     once (``ray.put(task)``) to every worker.
     """
 
-    def __init__(self, definition: TaskFile, vocabulary: tuple[str, ...], splits: Mapping[str, Split], source: str = ""):
+    def __init__(
+        self, definition: TaskFile, vocabulary: tuple[str, ...], splits: Mapping[str, Split], source: str = ""
+    ):
         missing = [s for s in ("train", "valid") if s not in splits]
         if missing:
             raise ValueError(f"task {definition.name}: missing split(s) {missing}")
@@ -254,7 +279,8 @@ class Task:
         return float(np.exp(-loss))
 
     def decode(self, tokens: Any) -> str:
-        """Text for a sequence of token ids (words are joined with spaces when symbols are longer than one character)."""
+        """Text for a sequence of token ids (words are joined with spaces when symbols are
+        longer than one character)."""
         symbols = [self.vocabulary[int(t)] for t in np.asarray(tokens).reshape(-1)]
         joiner = "" if all(len(s) == 1 for s in self.vocabulary) else " "
         return joiner.join(symbols)

@@ -27,7 +27,8 @@ VOCABULARY = tuple(string.ascii_lowercase) + (SEPARATOR, END)
 @dataclass(frozen=True)
 class MemorizeData(StreamSizes):
     length: int = option(5, "symbols to remember (paper: 5)", check=lambda n: 1 <= n <= 100, rule="1..100")
-    alphabet: int = option(26, "symbols drawn from the first N letters (paper: 26)", check=lambda n: 2 <= n <= 26, rule="2..26")
+    alphabet: int = option(26, "symbols drawn from the first N letters (paper: 26)", check=lambda n: 2 <= n <= 26,
+                           rule="2..26")
 
 
 def make_example(config: MemorizeData, rng: random.Random) -> Example:

@@ -69,7 +69,8 @@ def find_data_dir(data_dir: str | os.PathLike | None = None, configured: str | N
     directory = Path(chosen).expanduser()
     missing = [name for name in FILES.values() if not (directory / name).is_file()]
     if missing:
-        raise UserError(f"Penn Treebank file(s) {', '.join(missing)} not found in {directory}; {_how_to_get(directory)}")
+        raise UserError(f"Penn Treebank file(s) {', '.join(missing)} not found in {directory}; "
+                        f"{_how_to_get(directory)}")
     return directory
 
 
@@ -81,10 +82,19 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _unreadable(path: Path, error: OSError) -> UserError:
+    """An unreadable data file (permissions, an I/O error) as one line naming it and the cause."""
+    return UserError(f"cannot read the Penn Treebank file {path}: {error.strerror or error}; make it readable "
+                     f"(or point {ENV_VAR}/--data-dir at a readable copy)")
+
+
 def verify(directory: Path) -> None:
     """Check every file against its known SHA-256 sum; a mismatch raises :class:`UserError`."""
     for name, expected in SHA256.items():
-        actual = _sha256(directory / name)
+        try:
+            actual = _sha256(directory / name)
+        except OSError as error:
+            raise _unreadable(directory / name, error) from None
         if actual != expected:
             raise UserError(
                 f"{directory / name} has SHA-256 {actual}, expected {expected}: the file is corrupt or not the "
@@ -104,7 +114,12 @@ def _words(path: Path) -> list[str]:
 def load_splits(directory: Path) -> tuple[tuple[str, ...], dict[str, Split]]:
     """Vocabulary (first-appearance order in the training file) and the three token streams."""
     verify(directory)
-    texts = {split: _words(directory / name) for split, name in FILES.items()}
+    try:
+        texts = {split: _words(directory / name) for split, name in FILES.items()}
+    except OSError as error:
+        raise _unreadable(Path(error.filename or directory), error) from None
+    except UnicodeDecodeError as error:
+        raise UserError(f"a Penn Treebank file in {directory} is not UTF-8 text ({error.reason})") from None
     index: dict[str, int] = {}
     for word in texts["train"]:
         if word not in index:
@@ -113,7 +128,8 @@ def load_splits(directory: Path) -> tuple[tuple[str, ...], dict[str, Split]]:
     for split, words in texts.items():
         unknown = {w for w in words if w not in index}
         if unknown:
-            raise UserError(f"{directory / FILES[split]}: words outside the training vocabulary, e.g. {sorted(unknown)[:5]}")
+            raise UserError(f"{directory / FILES[split]}: words outside the training vocabulary, "
+                            f"e.g. {sorted(unknown)[:5]}")
         # int32 halves the size shipped to workers; the loop widens to int64 on the device.
         splits[split] = Split(np.fromiter((index[w] for w in words), dtype=np.int32, count=len(words)))
     return tuple(index), splits

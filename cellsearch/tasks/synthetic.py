@@ -51,7 +51,9 @@ def split_seeds(seed: int) -> dict[str, int]:
     return seeds
 
 
-def build_stream(make_example: Callable[[random.Random], Example], seed: int, n_tokens: int, vocabulary: tuple[str, ...]) -> Split:
+def build_stream(
+    make_example: Callable[[random.Random], Example], seed: int, n_tokens: int, vocabulary: tuple[str, ...]
+) -> Split:
     """Concatenate examples drawn with ``random.Random(seed)`` until ``n_tokens`` symbols, cut to that length."""
     # A private random.Random instance (not the global one) is the fastest explicit generator for per-symbol draws.
     rng = random.Random(seed)
@@ -66,7 +68,9 @@ def build_stream(make_example: Callable[[random.Random], Example], seed: int, n_
     return encode_text("".join(texts)[:n_tokens], "".join(masks)[:n_tokens], vocabulary)
 
 
-def build_splits(make_example: Callable[[random.Random], Example], sizes: StreamSizes, vocabulary: tuple[str, ...]) -> dict[str, Split]:
+def build_splits(
+    make_example: Callable[[random.Random], Example], sizes: StreamSizes, vocabulary: tuple[str, ...]
+) -> dict[str, Split]:
     """The train, valid and test streams of a generated task."""
     seeds = split_seeds(sizes.seed)
     lengths = {"train": sizes.train_tokens, "valid": sizes.valid_tokens, "test": sizes.test_tokens}

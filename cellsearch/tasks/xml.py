@@ -27,7 +27,8 @@ VOCABULARY = tuple(string.ascii_lowercase) + ("<", "/", ">", "\n")
 class XmlData(StreamSizes):
     min_tag_length: int = option(2, "shortest tag name (paper: 2)", check=lambda n: n >= 1, rule=">= 1")
     max_tag_length: int = option(10, "longest tag name (paper: 10)", check=lambda n: 1 <= n <= 100, rule="1..100")
-    close_probability: float = option(0.5, "chance of closing the innermost tag at a step (paper: 0.5)", check=lambda p: 0 < p <= 1, rule="0 < p <= 1")
+    close_probability: float = option(0.5, "chance of closing the innermost tag at a step (paper: 0.5)",
+                                      check=lambda p: 0 < p <= 1, rule="0 < p <= 1")
     max_steps: int = option(50, "after this many steps only closing is allowed (paper: 50)",
                             check=lambda n: 1 <= n <= 10_000, rule="1..10000")
 

@@ -14,7 +14,7 @@ ladder() {  # ladder NAME_PREFIX EPOCH_STEPS 'EXTRA' EPOCHS...
     echo "--budget" "${prefix}$((epoch * epochs))=small,steps_per_epoch=${epoch},max_epochs=${epochs}${extra}"
   done
 }
-tasks=("${@:-memorize arithmetic-lr5 xml-decay arithmetic xml-nodecay ptb}")
+tasks=("${@:-memorize arithmetic-lr5 xml-decay arithmetic xml-nodecay ptb ptb-400}")
 for task in ${tasks[@]}; do
   extra=()
   case $task in
@@ -36,6 +36,8 @@ for task in ${tasks[@]}; do
     ptb)        # the softmax over 10,000 words costs ~90 ms a step at width 14 (36 CPU-s for 400 steps): a
                 # 200-step ladder is what fitted in the session (a 400-step rung was started and stopped)
       mapfile -t budgets < <(ladder p 100 ',patience=4,learning_rate=5,eval_tokens=4000,max_seconds=900' 1 2) ;;
+    ptb-400)    # the later study: medium (200 steps) against 400 steps, 28 CPU-s a setting
+      mapfile -t budgets < <(ladder p 100 ',patience=4,learning_rate=5,eval_tokens=4000,max_seconds=1800' 1 2 4) ;;
   esac
   args=()
   for b in "${budgets[@]}"; do read -r flag value <<<"$b"; args+=("$flag" "$value"); done

@@ -21,14 +21,14 @@ executed. It holds
 
 A run's :class:`Checkpointer` holds its file's identity and writes it;
 :class:`GroupCheckpoint` is the hook the training loop
-(:func:`cellsearch.training.run_members`) calls, for one run or for several seeds
+(:func:`cellsearch.training.loop.run_members`) calls, for one run or for several seeds
 trained as one batched model: it restores before training and saves after every
 completed epoch, one file per member. Writes are atomic (a temporary file, then
 ``os.replace``), and a group's files are committed together (see
 :class:`GroupCheckpoint`), so a process killed at any moment leaves the previous
 checkpoints intact and consistent.
 
-:func:`load_model` rebuilds the trained :class:`~cellsearch.training.SequenceModel`
+:func:`load_model` rebuilds the trained :class:`~cellsearch.model.SequenceModel`
 on any device; :func:`load_checkpoint` returns the validated contents.
 Anything wrong with a file (missing, truncated, garbage, pickled objects,
 another cell, a spec that does not match its hash, a field of the wrong type,
@@ -37,6 +37,14 @@ raises :class:`CheckpointError` (a :class:`~cellsearch.errors.UserError`) with a
 one-line reason. Every field is checked before it is used, and the weights are
 compared with a model built on torch's ``meta`` device (no memory), so a file
 that claims a huge width costs nothing to refuse.
+
+This module imports the models (:mod:`cellsearch.model`), not the loop: the loop imports it, and
+it reads and writes the loop's per-member records only through their attributes (``schedule``,
+``run``, ``best_state``, ``position``) and the members object's checkpoint methods (see
+:class:`~cellsearch.training.members.Members`).
+
+Size: one module on purpose. Most of it is validation of untrusted files (every field, every tensor,
+before use); the reader, the writer and the group commit protocol must agree on one format.
 """
 
 from __future__ import annotations
@@ -53,10 +61,12 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from cellsearch.errors import UserError, shown
+from cellsearch.model import SequenceModel
 from cellsearch.spec import CellSpec, CellSpecError
+from cellsearch.training.members import Members
 
-__all__ = ["CheckpointError", "Checkpoint", "Resumed", "Checkpointer", "GroupCheckpoint", "load_checkpoint", "load_model",
-           "FORMAT", "VERSION"]
+__all__ = ["CheckpointError", "Checkpoint", "Resumed", "Checkpointer", "GroupCheckpoint", "load_checkpoint",
+           "load_model", "FORMAT", "VERSION"]
 
 FORMAT = "cellsearch-checkpoint"
 VERSION = 1
@@ -319,15 +329,13 @@ def load_model(checkpoint: str | os.PathLike | Checkpoint, device: str | torch.d
                weights: str = "best") -> torch.nn.Module:
     """The trained model of a checkpoint, on ``device``, in eval mode (call ``.train()`` to fine-tune).
 
-    It is a :class:`~cellsearch.training.SequenceModel`: ``logits, state =
+    It is a :class:`~cellsearch.model.SequenceModel`: ``logits, state =
     model(tokens, state)`` with ``tokens`` of shape (time, batch); its cell is
     ``model.rnn`` (a :class:`~cellsearch.compiler.CellRNN`). ``weights='best'``
     (default) gives the weights with the best held-out score (those the test
     metrics were measured with) when the checkpoint has them, ``'last'`` the
     weights at the checkpoint's epoch.
     """
-    from cellsearch.training import SequenceModel
-
     if weights not in ("best", "last"):
         raise UserError(f"weights must be 'best' or 'last', got {weights!r}")
     loaded = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint)
@@ -518,7 +526,7 @@ class Checkpointer:
 
 # ------------------------------------------------------------------------------ groups
 class GroupCheckpoint:
-    """The checkpoint hook of the training loop (:func:`cellsearch.training.run_members`): one file per member.
+    """The checkpoint hook of the training loop (:func:`cellsearch.training.loop.run_members`): one file per member.
 
     Every member of a run (one setting alone, or several seeds trained as one batched model) has
     its own :class:`Checkpointer` and its own file, in the format of a single run: a member's
@@ -530,10 +538,10 @@ class GroupCheckpoint:
     (every member of it has its new file) and discards one interrupted while writing, so the members
     of a group resume from the same epoch and an interrupted group ends as an uninterrupted one.
 
-    The members object of the loop supplies, per member: ``member_state(i)`` (weights by
-    ``SequenceModel`` name), ``load_member_states``, ``rng_state(i)`` / ``set_rng_states`` (the
-    generator its dropout draws from) and ``member_carried`` / ``join_carried`` (its slice of the
-    state carried across windows).
+    The members object of the loop (a :class:`~cellsearch.training.members.Members`) supplies, per
+    member: ``member_state(i)`` (weights by ``SequenceModel`` name), ``load_member_states``,
+    ``rng_state(i)`` / ``set_rng_states`` (the generator its dropout draws from) and
+    ``member_carried`` / ``join_carried`` (its slice of the state carried across windows).
     """
 
     def __init__(self, checkpointers: Sequence[Checkpointer]):
@@ -562,7 +570,8 @@ class GroupCheckpoint:
             if not pending.exists() and not pending.is_symlink():
                 continue
             if not pending.is_file():
-                raise CheckpointError(f"{pending} is not a checkpoint file; delete it to resume from {checkpointer.path}")
+                raise CheckpointError(f"{pending} is not a checkpoint file; delete it to resume from "
+                                      f"{checkpointer.path}")
             commit = commit_of(pending)
             complete = commit is not None and all(written_by(pending.parent / member, commit["token"])
                                                   for member in commit["members"])
@@ -574,7 +583,7 @@ class GroupCheckpoint:
             else:
                 pending.unlink()
 
-    def restore(self, trained: Any, members: Sequence[Any]) -> Resumed | None:
+    def restore(self, trained: Members, members: Sequence[Any]) -> Resumed | None:
         """Load the members' saved states into the loop's objects (inside its forked RNG); None when starting afresh.
 
         ``members`` are the loop's per-member records (``schedule``, ``run``, ``best_state``), in the
@@ -608,7 +617,7 @@ class GroupCheckpoint:
             [_carried_to(item.loop["carried"], device) for item in loaded])
         return Resumed(row=int(first.loop["row"]), carried=carried, finished=first.finished)
 
-    def save(self, trained: Any, saved: Sequence[tuple[int, Any, bool]], *, row: int, carried: Any) -> None:
+    def save(self, trained: Members, saved: Sequence[tuple[int, Any, bool]], *, row: int, carried: Any) -> None:
         """Write the checkpoints of ``saved`` = (position in ``trained``, loop record, finished) after an epoch.
 
         The loop record's ``position`` is the member's index among the checkpointers.
@@ -625,12 +634,13 @@ class GroupCheckpoint:
         files = [checkpointer.path for checkpointer, *_ in writes]
         for checkpointer, index, member, finished in writes:
             commit = {"token": token, "members": [os.path.relpath(path, checkpointer.path.parent) for path in files]}
-            checkpointer.save_pending(self._payload(trained, checkpointer, index, member, finished, row, carried, commit))
+            checkpointer.save_pending(
+                self._payload(trained, checkpointer, index, member, finished, row, carried, commit))
         for checkpointer, *_ in writes:
             checkpointer.promote()
 
     @staticmethod
-    def _payload(trained: Any, checkpointer: Checkpointer, index: int, member: Any, finished: bool, row: int,
+    def _payload(trained: Members, checkpointer: Checkpointer, index: int, member: Any, finished: bool, row: int,
                  carried: Any, commit: Mapping[str, Any] | None) -> dict[str, Any]:
         return checkpointer.payload(
             trained.member_state(index), member.schedule, member.run, row=row,

@@ -1,9 +1,10 @@
 """The training step's forward (and so its backward) through ``torch.compile``: a wrapper around a members object.
 
 :class:`CapturedMembers` wraps a members object of the training loop
-(:class:`~cellsearch.training.SingleMember` or
-:class:`~cellsearch.batched_training.BatchedMembers`, the interface of
-:func:`~cellsearch.training.run_members`) and sends the *training* forward of the model through
+(:class:`~cellsearch.training.loop.SingleMember` or
+:class:`~cellsearch.training.groups.BatchedMembers`, the interface
+:class:`~cellsearch.training.members.Members` of :func:`~cellsearch.training.loop.run_members`)
+and sends the *training* forward of the model through
 ``torch.compile``: on a CPU the inductor backend's default mode (generated C++ kernels), on CUDA
 ``reduce-overhead`` (the compiled graph replayed as a CUDA graph, forward and backward). The loss,
 clipping and update stay the members object's own. AOTAutograd traces the backward from the
@@ -46,6 +47,11 @@ weights after several steps for zoo and mutated cells, with and without dropout,
 runs' scores and curves). Compile time is the cost: tens of seconds to minutes per cell and shape
 on a CPU (see ``benchmarks/batched.py`` and :class:`cellsearch.batching.BatchingConfig` for when it
 pays).
+
+It is a part of training, not of the compiler: it wraps the loop's members objects and computes
+their losses (:func:`~cellsearch.model.masked_loss`, :func:`~cellsearch.model.member_losses`).
+It imports the models, not the loop or the groups (which import it): whether the wrapped object is
+a batched group is read from its model (a :class:`~cellsearch.model.BatchedSequenceModel`).
 """
 
 from __future__ import annotations
@@ -54,6 +60,9 @@ import time
 from typing import Any, Callable, Sequence
 
 import torch
+
+from cellsearch.model import BatchedSequenceModel, masked_loss, member_losses, solve_hidden_size
+from cellsearch.training.members import Members
 
 __all__ = ["CapturedMembers", "capture_mode", "compile_options", "captured_build", "planned_steps", "build_for"]
 
@@ -101,22 +110,23 @@ def _map_state(state: Any, function: Callable[[torch.Tensor], torch.Tensor]) -> 
 class CapturedMembers:
     """A members object whose training forward runs compiled (see the module doc); everything else is the wrapped one's.
 
-    ``members``: a :class:`~cellsearch.training.SingleMember` or
-    :class:`~cellsearch.batched_training.BatchedMembers`. ``backend``: ``torch.compile``'s backend;
+    ``members``: a :class:`~cellsearch.training.loop.SingleMember` or
+    :class:`~cellsearch.training.groups.BatchedMembers` (a batched one: its ``model`` is a
+    :class:`~cellsearch.model.BatchedSequenceModel`, and its ``parameters`` list holds the
+    trainable parameters, member dimension first). ``backend``: ``torch.compile``'s backend;
     ``inductor`` is the one that generates faster code (the others serve tests: ``aot_eager`` runs
     Dynamo and AOTAutograd, which decide what is captured, without inductor's minutes of codegen).
-    ``compile_seconds`` is the wall time of the first compiled training step (forward, backward: both compile there; ``None`` until it
-    happened); ``compiled_calls`` counts the training forwards that ran compiled, ``eager_calls``
-    those that ran eagerly while the compiled graph was there (another shape); ``fallback`` says
-    why the wrapper stopped compiling, if it did (later steps are eager and not counted).
+    ``compile_seconds`` is the wall time of the first compiled training step (forward, backward: both
+    compile there; ``None`` until it happened); ``compiled_calls`` counts the training forwards that
+    ran compiled, ``eager_calls`` those that ran eagerly while the compiled graph was there (another
+    shape); ``fallback`` says why the wrapper stopped compiling, if it did (later steps are eager and
+    not counted).
     """
 
-    def __init__(self, members, device: torch.device | str, backend: str = "inductor"):
-        from cellsearch.batched_training import BatchedMembers
-
+    def __init__(self, members: Members, device: torch.device | str, backend: str = "inductor"):
         self.inner = members
         self.device = torch.device(device)
-        self.batched = isinstance(members, BatchedMembers)
+        self.batched = isinstance(members.model, BatchedSequenceModel)
         options = compile_options(self.device) if backend == "inductor" else None
         self.compiled = torch.compile(members.model, backend=backend, dynamic=False, options=options)
         # positions in the inner (compiled-size) model of the members still training
@@ -156,7 +166,10 @@ class CapturedMembers:
                 return self.inner.losses(inputs, targets, scored, state)
             losses, count, correct, state = self.inner.losses(inputs, targets, scored, self._pad(state, inputs))
             return losses[self._positions], count, correct[self._positions], self._unpad(state)
-        full = self._pad(state, inputs) if state is not None else _zeros_state(self.inner.model, inputs.shape[1], inputs)
+        if state is not None:
+            full = self._pad(state, inputs)
+        else:
+            full = _zeros_state(self.inner.model, inputs.shape[1], inputs)
         if self.device.type == "cuda":
             # a new step: the CUDA graph may reuse the previous step's output memory from here on
             torch.compiler.cudagraph_mark_step_begin()
@@ -195,7 +208,8 @@ class CapturedMembers:
             return
         leaving = sorted(set(self.active) - set(kept))
         if 2 * len(kept) <= self.inner.count:
-            self.fallback = f"{self.inner.count - len(kept)} of {self.inner.count} compiled members left: eager from here"
+            self.fallback = (f"{self.inner.count - len(kept)} of {self.inner.count} compiled members left: "
+                             f"eager from here")
             self.compiled = None
             self.inner.keep(kept)
             self.active = list(range(self.inner.count))
@@ -218,7 +232,7 @@ class CapturedMembers:
     def member_model(self, index: int) -> torch.nn.Module:
         return self.inner.member_model(self.active[index])
 
-    # what a checkpoint (cellsearch.checkpoint.GroupCheckpoint) reads and writes, at the members' positions
+    # what a checkpoint (cellsearch.training.checkpoint.GroupCheckpoint) reads and writes, at the members' positions
     def member_state(self, index: int) -> dict[str, torch.Tensor]:
         return self.inner.member_state(self.active[index])
 
@@ -280,18 +294,15 @@ class CapturedMembers:
 
     def _loss(self, logits: torch.Tensor, targets: torch.Tensor, scored: torch.Tensor | None):
         if self.batched:
-            from cellsearch.batched_training import _member_losses
-
-            return _member_losses(logits, targets, scored)
-        from cellsearch.training import _masked_loss
-
-        loss, count, correct = _masked_loss(logits, targets, scored)
+            return member_losses(logits, targets, scored)
+        loss, count, correct = masked_loss(logits, targets, scored)
         return loss.reshape(1), count, correct.reshape(1)
 
 
 def captured_build(build: Callable, on_build: Callable[[CapturedMembers], None] | None = None,
                    backend: str = "inductor") -> Callable:
-    """A ``build`` for :func:`~cellsearch.training.run_members` whose members object is wrapped in :class:`CapturedMembers`.
+    """A ``build`` for :func:`~cellsearch.training.loop.run_members` whose members object is wrapped in
+    :class:`CapturedMembers`.
 
     ``on_build``, when given, receives the wrapper (to read its compile time and call counts after the run).
     """
@@ -306,7 +317,7 @@ def captured_build(build: Callable, on_build: Callable[[CapturedMembers], None] 
 
 
 def planned_steps(task, budget) -> int:
-    """The training steps a run of ``budget`` on ``task`` plans (:func:`~cellsearch.training.run_members`'s total).
+    """The training steps a run of ``budget`` on ``task`` plans (:func:`~cellsearch.training.loop.run_members`'s total).
 
     ``max_epochs`` epochs of ``steps_per_epoch`` steps (one pass over the training stream when that
     is null), capped by ``max_steps``; a run that the decay stops early takes fewer.
@@ -321,8 +332,6 @@ def build_for(build: Callable, config, task, budget, device: torch.device | str)
     """``build``, with its members object wrapped in :class:`CapturedMembers` where ``config`` (a
     :class:`~cellsearch.batching.BatchingConfig`) decides to compile a run of ``budget`` on ``task`` on
     ``device`` at the members' width (:meth:`~cellsearch.batching.BatchingConfig.compile_decision`)."""
-    from cellsearch.training import solve_hidden_size
-
     steps = planned_steps(task, budget)
 
     def decided(spec, task, members, device):

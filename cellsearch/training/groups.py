@@ -2,15 +2,15 @@
 
 Settings of a cell that share a shape (layers, width, dropout) differ only in numbers: learning
 rate, init scale, gradient-norm cap and seed. :func:`train_group` trains such a group as one
-:class:`~cellsearch.compiler.batched.BatchedSequenceModel` (stacked weights, batched matrix
+:class:`~cellsearch.model.BatchedSequenceModel` (stacked weights, batched matrix
 multiplies), with everything per member that a run has alone:
 
-- each member is built exactly as :func:`~cellsearch.training.train_and_evaluate` builds it (the
+- each member is built exactly as :func:`~cellsearch.training.loop.train_and_evaluate` builds it (the
   same seeded initialisation), and its dropout masks come from its own generator, continued from
   the state its seed leaves, so that it sees the masks it would see alone;
-- its own learning rate and :class:`~cellsearch.training.PlateauHalving` decay, its own
+- its own learning rate and :class:`~cellsearch.training.loop.PlateauHalving` decay, its own
   gradient-norm clipping (the norm over the member's own gradients), its own held-out scores,
-  curve and :class:`~cellsearch.training.TrainResult`;
+  curve and :class:`~cellsearch.training.loop.TrainResult`;
 - a member whose loss, gradient norm or held-out loss is NaN or infinite is reported ``diverged``
   (score 0) and leaves the group; so does a member whose decay has ended (status ``ok``). The
   others go on, and the batched model shrinks to the members still training.
@@ -19,9 +19,10 @@ All members read the same token stream (the training loop's order does not depen
 hyperparameters). Results equal training each member alone up to floating-point rounding (the
 batched multiplies sum in another order); ``tests/test_batched.py`` checks scores and curves.
 
-The loop itself is the training loop of :mod:`cellsearch.training` (``run_members``): a single
-run is the one-member case with a plain :class:`~cellsearch.training.SequenceModel`, a group the
-batched case; both go through the same steps, evaluation, schedule, budget and failure handling.
+The loop itself is the training loop of :mod:`cellsearch.training.loop` (``run_members``): a
+single run is the one-member case with a plain :class:`~cellsearch.model.SequenceModel`, a group
+the batched case (:class:`BatchedMembers`, a :class:`~cellsearch.training.members.Members`); both
+go through the same steps, evaluation, schedule, budget and failure handling.
 
 Group-level differences: a wall-clock cap (``budget.max_seconds``) applies to the group as
 ``max_seconds`` times the number of members (each member's share of the wall clock is what it
@@ -41,14 +42,18 @@ import torch
 from torch import nn
 
 from cellsearch.batching import BatchingConfig
+from cellsearch.compiler.onednn import verify_route
+from cellsearch.fidelity import HalvingConfig
 from cellsearch.hparams import HyperParams
+from cellsearch.model import BatchedSequenceModel, build_model, member_losses, solve_hidden_size
 from cellsearch.spec import CellSpec
 from cellsearch.tasks.base import Budget, Task
-from cellsearch.training import GroupMember, build_model, run_members, solve_hidden_size, train_and_evaluate
+from cellsearch.training.capture import build_for
+from cellsearch.training.checkpoint import GroupCheckpoint
+from cellsearch.training.halving import train_halving
+from cellsearch.training.loop import GroupMember, SingleMember, run_members, train_and_evaluate
 
 __all__ = [
-    "BatchingConfig",
-    "GroupMember",
     "BatchedMembers",
     "train_group",
     "train_settings",
@@ -79,8 +84,10 @@ def batching_pays(spec: CellSpec, task: Task, hparams: HyperParams) -> bool:
     return task.vocab_size * width <= hparams.num_layers * spec.parameter_count(width)
 
 
-def group_by_shape(spec: CellSpec, task: Task, settings: Sequence[HyperParams], max_members: int = 20) -> list[list[int]]:
-    """Indices of ``settings`` grouped by :func:`shape_key`, in order of first appearance, at most ``max_members`` each."""
+def group_by_shape(spec: CellSpec, task: Task, settings: Sequence[HyperParams],
+                   max_members: int = 20) -> list[list[int]]:
+    """Indices of ``settings`` grouped by :func:`shape_key`, in order of first appearance, at most ``max_members``
+    each."""
     groups: dict[tuple, list[list[int]]] = {}
     order: list[list[int]] = []
     for index, hparams in enumerate(settings):
@@ -96,8 +103,9 @@ def group_by_shape(spec: CellSpec, task: Task, settings: Sequence[HyperParams], 
 class BatchedMembers:
     """The group side of the training loop: K members as one :class:`BatchedSequenceModel`.
 
-    Implements the members interface of :func:`cellsearch.training.run_members` (the one-member
-    case is :class:`cellsearch.training.SingleMember`): per-member losses, clipping and update,
+    Implements :class:`~cellsearch.training.members.Members` for
+    :func:`cellsearch.training.loop.run_members` (the one-member case is
+    :class:`cellsearch.training.loop.SingleMember`): per-member losses, clipping and update,
     dropping members, and snapshots of a member's weights.
     """
 
@@ -107,10 +115,9 @@ class BatchedMembers:
         self.parameters = [p for p in model.parameters() if p.requires_grad]
 
     @classmethod
-    def build(cls, spec: CellSpec, task: Task, members: Sequence[GroupMember], device: torch.device) -> "BatchedMembers":
+    def build(cls, spec: CellSpec, task: Task, members: Sequence[GroupMember],
+              device: torch.device) -> "BatchedMembers":
         """Each member initialised as alone (seeded), then stacked; call inside a forked RNG."""
-        from cellsearch.compiler.batched import BatchedSequenceModel
-
         models, generators = [], []
         for member in members:
             torch.manual_seed(member.seed)
@@ -131,7 +138,7 @@ class BatchedMembers:
     def losses(self, inputs, targets, scored, state):
         """Per-member mean losses (K,), the scored count, per-member correct counts (K,), and the state."""
         logits, state = self.model(inputs, state)
-        return (*_member_losses(logits, targets, scored), state)
+        return (*member_losses(logits, targets, scored), state)
 
     def zero_grad(self) -> None:
         for parameter in self.parameters:
@@ -181,7 +188,7 @@ class BatchedMembers:
         """Member ``index`` as a separate ``SequenceModel``."""
         return self.model.member(index)
 
-    # What a checkpoint (cellsearch.checkpoint.GroupCheckpoint) reads and writes per member: the same
+    # What a checkpoint (cellsearch.training.checkpoint.GroupCheckpoint) reads and writes per member: the same
     # things a single run's checkpoint holds, so that a member's file resumes alone or in a group.
     def member_state(self, index: int) -> dict[str, torch.Tensor]:
         return self.model.member_state(index)
@@ -231,21 +238,6 @@ def _generator_at_default_state(device: torch.device) -> torch.Generator:
     return generator
 
 
-def _member_losses(logits: torch.Tensor, targets: torch.Tensor, scored: torch.Tensor | None):
-    """:func:`cellsearch.training._masked_loss` for logits ``(K, T, B, vocab)`` and shared targets."""
-    members, vocab = logits.shape[0], logits.shape[-1]
-    flat_targets = targets.reshape(-1)
-    losses = nn.functional.cross_entropy(
-        logits.reshape(-1, vocab), flat_targets.repeat(members), reduction="none"
-    ).view(members, -1)
-    correct = logits.argmax(-1).reshape(members, -1) == flat_targets
-    if scored is None:
-        return losses.mean(1), flat_targets.numel(), correct.sum(1)
-    weights = scored.reshape(-1)
-    count = int(weights.sum())
-    return (losses * weights).sum(1) / max(count, 1), count, (correct & weights).sum(1)
-
-
 # ------------------------------------------------------------------------------- entry points
 def train_group(
     spec: CellSpec,
@@ -260,12 +252,12 @@ def train_group(
 ) -> list:
     """Train ``members`` (same shape, see :func:`shape_key`) as one batched model; a TrainResult each, in order.
 
-    ``progress`` gets the events of :func:`~cellsearch.training.train_and_evaluate` with a
+    ``progress`` gets the events of :func:`~cellsearch.training.loop.train_and_evaluate` with a
     ``member`` key (the member's position in ``members``). ``checkpoints``, when given, holds one
-    :class:`~cellsearch.checkpoint.Checkpointer` per member: each member's file is restored before
-    training (all from the same point, see :attr:`~cellsearch.checkpoint.Checkpoint.resume_point`)
+    :class:`~cellsearch.training.checkpoint.Checkpointer` per member: each member's file is restored before
+    training (all from the same point, see :attr:`~cellsearch.training.checkpoint.Checkpoint.resume_point`)
     and written after every epoch, as a single run's would be. ``config.compile`` runs the training
-    step through ``torch.compile`` (:mod:`cellsearch.compiler.capture`) where
+    step through ``torch.compile`` (:mod:`cellsearch.training.capture`) where
     :meth:`BatchingConfig.compile_decision` says so (never for short runs). Raises ``ValueError`` when the
     members' shapes differ.
     """
@@ -274,9 +266,8 @@ def train_group(
         return []
     shapes = {shape_key(spec, task, m.hparams) for m in members}
     if len(shapes) > 1:
-        raise ValueError(f"train_group: members differ in (layers, width, dropout): {sorted(shapes)}; use group_by_shape")
-    from cellsearch.compiler.capture import build_for
-
+        raise ValueError(f"train_group: members differ in (layers, width, dropout): {sorted(shapes)}; "
+                         f"use group_by_shape")
     build = build_for(BatchedMembers.build, config or BatchingConfig(), task, budget, device)
     return run_members(spec, task, members, budget, device, progress, num_threads, build,
                        checkpoint=_group_checkpoint(checkpoints))
@@ -285,8 +276,6 @@ def train_group(
 def _group_checkpoint(checkpoints: Sequence[Any] | None):
     if checkpoints is None:
         return None
-    from cellsearch.checkpoint import GroupCheckpoint
-
     return GroupCheckpoint(checkpoints)
 
 
@@ -310,19 +299,30 @@ def train_settings(
     num_threads: int | None = 1,
     config: BatchingConfig | None = None,
     checkpoints: Sequence[Any] | None = None,
+    halving: HalvingConfig | None = None,
 ) -> list:
     """Train every setting of ``members``; same-shape settings as batched groups when ``config.enabled``.
 
     One TrainResult per member, in order. Groups of one, groups where batching does not pay on a
     CPU (:func:`batching_pays`, unless ``config.when`` is ``always``), and every member when
-    batching is off, go through :func:`~cellsearch.training.train_and_evaluate`. A group that runs out of memory
+    batching is off, go through :func:`~cellsearch.training.loop.train_and_evaluate`. A group that runs out of memory
     is retried one member at a time. ``progress`` events carry a ``member`` key (position in
-    ``members``). ``checkpoints`` (one :class:`~cellsearch.checkpoint.Checkpointer` per member, or
+    ``members``). ``checkpoints`` (one :class:`~cellsearch.training.checkpoint.Checkpointer` per member, or
     None) checkpoint every run as :func:`train_group` does; members that are to train together
     must resume from the same point.
+
+    ``halving`` (a :class:`~cellsearch.fidelity.HalvingConfig`), when enabled, trains the same runs (groups
+    and single settings alike) rung by rung with successive halving over all of ``members``
+    (:mod:`cellsearch.training.halving`): settings ranked low at a rung end with status ``pruned``,
+    and a setting that survives every rung gets the result it gets without halving; ``progress`` also
+    gets a ``kind='pruned'`` event per pruned setting. It cannot be combined with ``checkpoints``
+    (``ValueError``: retraining never halves). Disabled or None: exactly the results without it.
     """
     config = config or BatchingConfig()
     members = list(members)
+    halves = halving is not None and halving.enabled
+    if halves and checkpoints is not None:
+        raise ValueError("train_settings: halving cannot be combined with checkpoints (retraining never halves)")
     if config.enabled and torch.device(device).type == "cpu":
         configure_cpu_matmul(config.onednn)
     results: list = [None] * len(members)
@@ -330,17 +330,32 @@ def train_settings(
     def solo(index: int) -> None:
         forward = None if progress is None else (lambda event: progress({**event, "member": index}))
         member = members[index]
-        results[index] = train_and_evaluate(spec, task, member.hparams, budget, member.seed, device, forward, num_threads,
+        results[index] = train_and_evaluate(spec, task, member.hparams, budget, member.seed, device, forward,
+                                            num_threads,
                                             checkpoint=None if checkpoints is None else checkpoints[index],
                                             batching=config)
 
-    groups = group_by_shape(spec, task, [m.hparams for m in members], config.max_members) if config.enabled else [[i] for i in range(len(members))]
+    if config.enabled:
+        groups = group_by_shape(spec, task, [m.hparams for m in members], config.max_members)
+    else:
+        groups = [[i] for i in range(len(members))]
+    if halves:
+        # the runs train_settings makes below, as RungRuns interleaved rung by rung (same builds, same results)
+        solo_build = build_for(SingleMember.build, config, task, budget, device)
+        plan: list[tuple[list[int], Callable]] = []
+        for group in groups:
+            if len(group) == 1 or not trains_together(spec, task, members[group[0]].hparams, device, config):
+                plan += [([index], solo_build) for index in group]
+            else:
+                plan.append((group, build_for(BatchedMembers.build, config, task, budget, device)))
+        return train_halving(spec, task, members, budget, device, progress, num_threads, plan, halving, solo_build)
     for group in groups:
         if len(group) == 1 or not trains_together(spec, task, members[group[0]].hparams, device, config):
             for index in group:
                 solo(index)
             continue
-        forward = None if progress is None else (lambda event, group=group: progress({**event, "member": group[event["member"]]}))
+        forward = None if progress is None else (
+            lambda event, group=group: progress({**event, "member": group[event["member"]]}))
         group_checkpoints = None if checkpoints is None else [checkpoints[i] for i in group]
         for index, result in zip(group, train_group(spec, task, [members[i] for i in group], budget, device, forward,
                                                     num_threads, group_checkpoints, config)):
@@ -361,8 +376,6 @@ def configure_cpu_matmul(mode: str = "auto"):
     Returns the :class:`~cellsearch.compiler.onednn.MatmulRouteCheck`; the check costs a few
     milliseconds and runs once per mode (the route is process-wide torch state).
     """
-    from cellsearch.compiler.onednn import verify_route
-
     check = _ROUTE_CHECKS.get(mode)
     if check is None:
         check = _ROUTE_CHECKS[mode] = verify_route(mode)

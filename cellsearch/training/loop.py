@@ -4,14 +4,22 @@
 the hidden width -> :class:`~cellsearch.compiler.CellRNN` -> linear softmax)
 with plain SGD, gradient-norm clipping and the paper's learning-rate decay on a
 :class:`~cellsearch.tasks.base.Task`, and scores it on held-out data. The
-hidden width is solved from the parameter budget (:func:`solve_hidden_size`),
+hidden width is solved from the parameter budget (:func:`~cellsearch.model.solve_hidden_size`),
 so that different cells are compared at equal size, as in the paper.
 
 The loop is :func:`run_members`: it trains one or several settings of a cell in lockstep
-through a *members* object. A single run is the one-member case (:class:`SingleMember`, a
-plain :class:`SequenceModel`); :mod:`cellsearch.batched_training` supplies the batched case
-(K settings of one shape as one stacked model). Steps, clipping, evaluation, the schedule,
-budgets and failure statuses are this one loop for both.
+through a *members* object (:class:`~cellsearch.training.members.Members`, whose docstring is
+the contract). A single run is the one-member case (:class:`SingleMember`, a plain
+:class:`~cellsearch.model.SequenceModel`); :mod:`cellsearch.training.groups` supplies the
+batched case (K settings of one shape as one stacked model). Steps, clipping, evaluation, the
+schedule, budgets and failure statuses are this one loop for both. The models, their sizing and
+their losses are :mod:`cellsearch.model`; checkpoints are :mod:`cellsearch.training.checkpoint`
+and the compiled training step :mod:`cellsearch.training.capture`, both used from here.
+
+Size: one module on purpose. The loop's state machine (steps, evaluation, schedule, members leaving,
+budgets, failures, checkpoints, and pausing at the rungs of successive halving in :class:`RungRun`)
+shares one set of per-member records; split apart, a change to one exit path (a new status, a new way
+to leave) would have to be made in several places that must agree.
 """
 
 from __future__ import annotations
@@ -29,107 +37,38 @@ from torch import nn
 
 from cellsearch.config import ConfigError
 from cellsearch.hparams import HyperParams
+from cellsearch.model import SequenceModel, build_model, masked_loss, model_parameter_count, solve_hidden_size
 from cellsearch.spec import CellSpec
 from cellsearch.tasks.base import Budget, Split, Task
+from cellsearch.training.capture import build_for
+from cellsearch.training.checkpoint import GroupCheckpoint
+from cellsearch.training.members import Members
 
 __all__ = [
     "Budget",
     "TrainResult",
     "STATUSES",
-    "SequenceModel",
     "PlateauHalving",
-    "model_parameter_count",
-    "solve_hidden_size",
-    "build_model",
     "batchify",
     "evaluate",
     "train_and_evaluate",
     "GroupMember",
     "SingleMember",
     "run_members",
+    "RungRun",
     "evaluate_members",
 ]
 
 #: ``ok``: finished within its budget; ``timeout``: the wall-clock cap ended it
 #: early (the score is still the best held-out score reached); ``diverged``: a
-#: NaN or infinite loss or gradient (score 0); ``oom``: out of memory (score 0).
-STATUSES = ("ok", "timeout", "diverged", "oom")
-
-
-# ---------------------------------------------------------------------- sizing
-def model_parameter_count(spec: CellSpec, vocab_size: int, num_layers: int, hidden_size: int) -> int:
-    """Learned parameters of the whole model: embedding, ``num_layers`` cells and the softmax layer."""
-    embedding = vocab_size * hidden_size
-    softmax = hidden_size * vocab_size + vocab_size
-    return embedding + num_layers * spec.parameter_count(hidden_size) + softmax
-
-
-def solve_hidden_size(spec: CellSpec, vocab_size: int, num_layers: int, parameter_budget: int) -> int:
-    """The largest hidden width whose model fits ``parameter_budget`` parameters (at least 1).
-
-    A cell's parameter count per layer is a quadratic ``a*H^2 + b*H`` in the
-    width ``H`` (``a`` square matrices and ``b`` bias vectors), and the embedding
-    and softmax add ``2*vocab*H + vocab``; the quadratic formula gives the
-    answer, which is then corrected by integer steps against
-    :func:`model_parameter_count` (so rounding can never break the budget).
-    Width 1 is returned when even that exceeds the budget.
-    """
-    count = lambda width: model_parameter_count(spec, vocab_size, num_layers, width)  # noqa: E731
-    quadratic = (count(2) - 2 * count(1) + count(0)) / 2
-    linear = count(1) - count(0) - quadratic
-    constant = count(0) - parameter_budget
-    if quadratic > 0:
-        width = int((-linear + math.sqrt(max(linear * linear - 4 * quadratic * constant, 0.0))) / (2 * quadratic))
-    else:
-        width = int(-constant // linear) if linear > 0 else 1
-    width = max(width, 1)
-    while width > 1 and count(width) > parameter_budget:
-        width -= 1
-    while count(width + 1) <= parameter_budget:
-        width += 1
-    return width
-
-
-# ----------------------------------------------------------------------- model
-class SequenceModel(nn.Module):
-    """Embedding of the hidden width -> CellRNN -> dropout -> linear softmax (logits)."""
-
-    def __init__(self, spec: CellSpec, vocab_size: int, hidden_size: int, num_layers: int = 1, dropout: float = 0.0):
-        super().__init__()
-        from cellsearch.compiler import CellRNN
-
-        self.hidden_size = hidden_size
-        self.embedding = nn.Embedding(vocab_size, hidden_size)
-        self.rnn = CellRNN(spec, hidden_size, hidden_size, num_layers=num_layers, dropout=dropout)
-        self.dropout = nn.Dropout(dropout)
-        self.decoder = nn.Linear(hidden_size, vocab_size)
-
-    def reset_parameters(self, init_scale: float) -> None:
-        """The paper's init: uniform in +-init_scale/sqrt(width); softmax bias zero."""
-        bound = init_scale / math.sqrt(self.hidden_size)
-        with torch.no_grad():
-            self.embedding.weight.uniform_(-bound, bound)
-            self.decoder.weight.uniform_(-bound, bound)
-            self.decoder.bias.zero_()
-        self.rnn.reset_parameters(init_scale)
-
-    def forward(self, tokens: torch.Tensor, state: Any = None) -> tuple[torch.Tensor, Any]:
-        """``tokens`` (time, batch) -> logits (time, batch, vocab) and the final state."""
-        embedded = self.dropout(self.embedding(tokens))
-        output, state = self.rnn(embedded, state)
-        return self.decoder(self.dropout(output)), state
-
-
-def build_model(spec: CellSpec, task: Task, hparams: HyperParams) -> SequenceModel:
-    """The model for ``spec`` on ``task`` at the width that fits ``hparams.parameter_budget``, initialised."""
-    hidden_size = solve_hidden_size(spec, task.vocab_size, hparams.num_layers, hparams.parameter_budget)
-    model = SequenceModel(spec, task.vocab_size, hidden_size, hparams.num_layers, hparams.dropout)
-    model.reset_parameters(hparams.init_scale)
-    return model
+#: NaN or infinite loss or gradient (score 0); ``oom``: out of memory (score 0); ``pruned``: successive
+#: halving stopped it at a rung (:class:`RungRun`; the score is the best held-out score reached by then).
+STATUSES = ("ok", "timeout", "diverged", "oom", "pruned")
 
 
 # ------------------------------------------------------------------------ data
-def batchify(split: Split, batch_size: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor | None]:
+def batchify(split: Split, batch_size: int,
+             device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor | None]:
     """Cut a stream into ``batch_size`` parallel columns: tokens (rows, batch) and the mask alike.
 
     Trailing tokens that do not fill a row are dropped, as in PyTorch's word_language_model example.
@@ -143,7 +82,8 @@ def batchify(split: Split, batch_size: int, device: torch.device | str = "cpu") 
     tokens = tokens.view(batch_size, rows).t().contiguous().to(device)
     mask = None
     if split.mask is not None:
-        mask = torch.from_numpy(np.array(split.mask[: rows * batch_size])).view(batch_size, rows).t().contiguous().to(device)
+        mask = torch.from_numpy(np.array(split.mask[: rows * batch_size]))
+        mask = mask.view(batch_size, rows).t().contiguous().to(device)
     return tokens, mask
 
 
@@ -162,17 +102,6 @@ def _window(tokens: torch.Tensor, mask: torch.Tensor | None, row: int, unroll: i
     targets = tokens[row + 1 : row + 1 + length]
     scored = None if mask is None else mask[row + 1 : row + 1 + length]
     return inputs, targets, scored
-
-
-def _masked_loss(logits: torch.Tensor, targets: torch.Tensor, scored: torch.Tensor | None):
-    """Mean cross-entropy over the scored targets, their count, and the number predicted exactly."""
-    losses = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
-    correct = logits.argmax(-1).reshape(-1) == targets.reshape(-1)
-    if scored is None:
-        return losses.mean(), losses.numel(), correct.sum()
-    weights = scored.reshape(-1)
-    count = int(weights.sum())
-    return (losses * weights).sum() / max(count, 1), count, (correct & weights).sum()
 
 
 @torch.no_grad()
@@ -292,7 +221,7 @@ def train_and_evaluate(
 ) -> TrainResult:
     """Train ``spec`` on ``task`` with ``hparams`` within ``budget`` and score it on held-out data.
 
-    The model is :class:`SequenceModel` at the width that fits
+    The model is :class:`~cellsearch.model.SequenceModel` at the width that fits
     ``hparams.parameter_budget``, initialised uniformly in
     +-init_scale/sqrt(width). Training: plain SGD on the mean cross-entropy of the
     scored targets, over ``task.batch_size`` parallel columns and windows of
@@ -325,25 +254,21 @@ def train_and_evaluate(
       retrying.
     - Runs with ``num_threads`` torch threads (1 by default: one process per
       core is the fast layout on CPU), restoring the previous setting after.
-    - ``checkpoint``, when given (a :class:`cellsearch.checkpoint.Checkpointer`),
+    - ``checkpoint``, when given (a :class:`cellsearch.training.checkpoint.Checkpointer`),
       restores a saved loop state before training and saves one after every
       completed epoch; a run resumed that way ends with the same result as an
       uninterrupted one (on CPU; ``max_seconds`` counts from the resume).
     - ``batching``, when given (a :class:`~cellsearch.batching.BatchingConfig`), may run the
       training step through ``torch.compile`` (its ``compile`` switch; see
-      :mod:`cellsearch.compiler.capture`); results equal the eager run up to float rounding.
+      :mod:`cellsearch.training.capture`); results equal the eager run up to float rounding.
     - ``progress``, when given, is called with a dict after every step
       (``kind='step'``: step, total_steps, epoch, loss, learning_rate) and every
       evaluation (``kind='epoch'``: also score, valid_loss, valid_accuracy).
     """
     if checkpoint is not None:
-        from cellsearch.checkpoint import GroupCheckpoint
-
         checkpoint = GroupCheckpoint([checkpoint])
     build = SingleMember.build
     if batching is not None:
-        from cellsearch.compiler.capture import build_for
-
         build = build_for(build, batching, task, budget, device)
     return run_members(spec, task, [GroupMember(hparams, seed)], budget, device, progress, num_threads, build,
                        checkpoint=checkpoint)[0]
@@ -375,7 +300,7 @@ class GroupMember:
 
 # ------------------------------------------------------------------- the one training loop
 class SingleMember:
-    """The one-member case of :func:`run_members`: a plain :class:`SequenceModel`.
+    """The one-member case of :func:`run_members`: a plain :class:`~cellsearch.model.SequenceModel`.
 
     Exactly the computation of a single run (``clip_grad_norm_``, an SGD step, the default
     generator for dropout), so that a single run is bit-reproducible as before.
@@ -401,7 +326,7 @@ class SingleMember:
 
     def losses(self, inputs, targets, scored, state):
         logits, state = self.model(inputs, state)
-        loss, count, correct = _masked_loss(logits, targets, scored)
+        loss, count, correct = masked_loss(logits, targets, scored)
         return loss.reshape(1), count, correct.reshape(1), state
 
     def zero_grad(self) -> None:
@@ -426,7 +351,7 @@ class SingleMember:
     def snapshot(self, index: int) -> dict[str, torch.Tensor]:
         return copy.deepcopy(self.model.state_dict())
 
-    # What a checkpoint (cellsearch.checkpoint.GroupCheckpoint) reads and writes per member.
+    # What a checkpoint (cellsearch.training.checkpoint.GroupCheckpoint) reads and writes per member.
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
@@ -441,7 +366,8 @@ class SingleMember:
     def rng_state(self, index: int) -> dict[str, torch.Tensor | None]:
         """Where dropout draws from alone: the default generators (CPU, and the model's CUDA device)."""
         device = self.device
-        return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+        return {"torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
 
     def set_rng_states(self, states: Sequence[dict[str, torch.Tensor | None]]) -> None:
         (state,) = states
@@ -462,7 +388,8 @@ class SingleMember:
         return self
 
 
-def evaluate_members(members, tokens: torch.Tensor, mask: torch.Tensor | None, unroll: int) -> list[tuple[float, float]]:
+def evaluate_members(members: Members, tokens: torch.Tensor, mask: torch.Tensor | None,
+                     unroll: int) -> list[tuple[float, float]]:
     """Per member: mean cross-entropy and accuracy over the scored targets of a batchified stream (state carried)."""
     members.eval()
     state = None
@@ -499,37 +426,195 @@ class _Member:
     done: bool = False  # its result is final (nothing left to evaluate)
 
 
-def run_members(spec, task, members, budget, device, progress, num_threads, build, checkpoint=None) -> list[TrainResult]:
+def run_members(spec: CellSpec, task: Task, members: Sequence[Any], budget: Budget, device: str | torch.device,
+                progress: Callable[[dict[str, Any]], None] | None, num_threads: int | None,
+                build: Callable[..., Members], checkpoint: GroupCheckpoint | None = None) -> list[TrainResult]:
     """Train ``members`` (objects with ``hparams`` and ``seed``, one shape) in lockstep; a TrainResult each.
 
-    ``build(spec, task, members, device)`` makes the members object (:class:`SingleMember` for one
-    run, :class:`cellsearch.batched_training.BatchedMembers` for a group); everything else (data,
-    steps, clipping, evaluation, the schedule, budgets, divergence, out of memory) is this loop.
+    ``build(spec, task, members, device)`` makes the members object (a
+    :class:`~cellsearch.training.members.Members`: :class:`SingleMember` for one run,
+    :class:`cellsearch.training.groups.BatchedMembers` for a group); everything else (data, steps,
+    clipping, evaluation, the schedule, budgets, divergence, out of memory) is this loop.
     """
-    start = time.perf_counter()
+    clock = _Clock()
     device = torch.device(device)
     if checkpoint is not None and len(checkpoint.checkpointers) != len(members):
         raise ValueError(f"{len(members)} members but {len(checkpoint.checkpointers)} checkpointers")
-    group = [
-        _Member(index, m.hparams, m.seed, PlateauHalving(m.hparams.learning_rate, budget.patience, budget.decay_epochs, budget.decay_factor))
-        for index, m in enumerate(members)
-    ]
-    hidden_size = solve_hidden_size(spec, task.vocab_size, group[0].hparams.num_layers, group[0].hparams.parameter_budget)
-    parameter_count = model_parameter_count(spec, task.vocab_size, group[0].hparams.num_layers, hidden_size)
-    fork_devices = [device.index or 0] if device.type == "cuda" else []
+    group = _loop_members(members, budget)
+    hidden_size, parameter_count = _sizes(spec, task, group)
     try:
-        with _threads(num_threads), torch.random.fork_rng(devices=fork_devices):
+        with _threads(num_threads), torch.random.fork_rng(devices=_fork_devices(device)):
             trained = build(spec, task, members, device)
-            _run(trained, group, task, budget, device, progress, start, checkpoint)
+            for _ in _run(trained, group, task, budget, device, progress, clock, checkpoint):
+                pass  # no rungs: it never stops before the end
     except Exception as error:  # noqa: BLE001 - only out-of-memory is turned into a status
         if not _is_out_of_memory(error):
             raise
-        for member in group:
-            if not member.done:
-                member.status, member.message = "oom", str(error).splitlines()[0][:300]
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-    completed = time.perf_counter()
+        _out_of_memory(group, error, device)
+    return _results(group, clock.elapsed(), hidden_size, parameter_count)
+
+
+class RungRun:
+    """:func:`run_members` that stops at rung boundaries and goes on exactly where it stopped (successive halving).
+
+    Made with the arguments of ``run_members`` (no checkpoints) and ``stops``: the training steps
+    (whole epochs, below the run's planned total) after whose evaluation it stops. Nothing runs at
+    construction. Each :meth:`advance` trains on to the next stop (or to the end) and returns whether
+    it stopped at one; :attr:`active` then lists the positions (in ``members``) of the members still
+    training, and the next :meth:`advance` first ends the members at the positions it is given with
+    status ``pruned`` (their score: the best held-out score so far; their curve ends at the stop),
+    then goes on with the others. :meth:`results` gives a :class:`TrainResult` per member, in order,
+    once :attr:`ended`.
+
+    Everything the run needs to go on stays in memory between calls: the members object (weights,
+    dropout generators), the loop's own state (row in the training stream, carried hidden state,
+    schedules, curves; the loop is a generator suspended at the stop) and the default random
+    generators' state. Several runs interleaved in one process do not disturb each other's random
+    streams: each :meth:`advance` runs inside ``torch.random.fork_rng`` (the caller's state is left
+    untouched, as ``run_members`` leaves it) and, from the second call on, first sets the default
+    generators (CPU, and the run's CUDA device) to the state this run left them in at its last stop.
+    So a member that is never pruned gets exactly the result ``run_members`` gives it. (``progress`` is
+    called inside the run's random state, as in ``run_members``: a callback that draws from torch's
+    default generator changes the run's dropout masks.) The run's wall clock (``max_seconds``,
+    ``duration_s``, ``elapsed_s``) counts only its own :meth:`advance` calls.
+
+    Out of memory, at the build or any step, ends the run as in ``run_members`` (status ``oom`` for
+    every member without a final result); other exceptions propagate.
+    """
+
+    def __init__(self, spec: CellSpec, task: Task, members: Sequence[Any], budget: Budget,
+                 device: str | torch.device, progress: Callable[[dict[str, Any]], None] | None,
+                 num_threads: int | None, build: Callable[..., Members], stops: Sequence[int]):
+        self._spec, self._task, self._members, self._budget = spec, task, list(members), budget
+        self._progress, self._num_threads, self._build = progress, num_threads, build
+        self._stops = sorted(set(stops))
+        self.device = torch.device(device)
+        self._group = _loop_members(self._members, budget)
+        self.hidden_size, self.parameter_count = _sizes(spec, task, self._group)
+        self._clock = _Clock()
+        self._clock.pause()
+        self._steps: Any = None  # the suspended loop (a generator), from the first advance to the end
+        self._rng: tuple[torch.Tensor, torch.Tensor | None] | None = None  # the default generators at the stop
+        self.active: list[int] = []  # positions of the members still training, at the last stop
+        self.ended = False
+
+    def best_score(self, position: int) -> float:
+        """The best held-out score of member ``position`` so far (0 before its first evaluation)."""
+        return self._group[position].run.best_score
+
+    def advance(self, prune: Sequence[int] = ()) -> bool:
+        """Prune the members at positions ``prune`` (of :attr:`active`), then train on to the next stop.
+
+        True: stopped at a stop (:attr:`active` lists who is still training); False: the run has ended.
+        """
+        if self.ended:
+            raise RuntimeError("advance: the run has ended")
+        if not set(prune) <= set(self.active):
+            raise ValueError(f"advance: {sorted(set(prune) - set(self.active))} are not training")
+        self._clock.resume()
+        try:
+            with _threads(self._num_threads), torch.random.fork_rng(devices=_fork_devices(self.device)):
+                if self._rng is not None:
+                    _set_default_rng(self._rng, self.device)
+                try:
+                    if self._steps is None:
+                        self._steps = self._loop()
+                        stopped = next(self._steps, None)
+                    else:
+                        stopped = self._steps.send([self._group[p] for p in prune])
+                except StopIteration:
+                    stopped = None  # the loop has ended
+                finally:
+                    self._rng = _default_rng(self.device)
+            if stopped is None:
+                self._end()
+            else:
+                self.active = [m.position for m in stopped]
+        except Exception as error:  # noqa: BLE001 - only out-of-memory is turned into a status
+            if not _is_out_of_memory(error):
+                raise
+            self._end()
+            _out_of_memory(self._group, error, self.device)
+        finally:
+            self._clock.pause()
+        return not self.ended
+
+    def _loop(self) -> Iterator[list[_Member]]:
+        trained = self._build(self._spec, self._task, self._members, self.device)
+        return (yield from _run(trained, self._group, self._task, self._budget, self.device, self._progress,
+                                self._clock, stops=self._stops))
+
+    def _end(self) -> None:
+        self.ended, self.active, self._steps, self._rng = True, [], None, None
+
+    def results(self) -> list[TrainResult]:
+        """One TrainResult per member, in order (once the run has ended)."""
+        if not self.ended:
+            raise RuntimeError("results: the run has not ended")
+        return _results(self._group, self._clock.elapsed(), self.hidden_size, self.parameter_count)
+
+
+class _Clock:
+    """Seconds a run has trained: stands still while a :class:`RungRun` waits at a stop."""
+
+    def __init__(self) -> None:
+        self._start = time.perf_counter()
+        self._paused_at: float | None = None
+
+    def elapsed(self) -> float:
+        now = time.perf_counter() if self._paused_at is None else self._paused_at
+        return now - self._start
+
+    def pause(self) -> None:
+        if self._paused_at is None:
+            self._paused_at = time.perf_counter()
+
+    def resume(self) -> None:
+        if self._paused_at is not None:
+            self._start += time.perf_counter() - self._paused_at
+            self._paused_at = None
+
+
+def _fork_devices(device: torch.device) -> list[int]:
+    return [device.index or 0] if device.type == "cuda" else []
+
+
+def _default_rng(device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The default generators' state: the CPU's, and the CUDA device's when the run is on one."""
+    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+
+def _set_default_rng(state: tuple[torch.Tensor, torch.Tensor | None], device: torch.device) -> None:
+    cpu, cuda = state
+    torch.set_rng_state(cpu)
+    if cuda is not None:
+        torch.cuda.set_rng_state(cuda, device)
+
+
+def _loop_members(members: Sequence[Any], budget: Budget) -> list[_Member]:
+    return [
+        _Member(index, m.hparams, m.seed,
+                PlateauHalving(m.hparams.learning_rate, budget.patience, budget.decay_epochs, budget.decay_factor))
+        for index, m in enumerate(members)
+    ]
+
+
+def _sizes(spec: CellSpec, task: Task, group: list[_Member]) -> tuple[int, int]:
+    shape = group[0].hparams  # every member has the same shape
+    hidden_size = solve_hidden_size(spec, task.vocab_size, shape.num_layers, shape.parameter_budget)
+    return hidden_size, model_parameter_count(spec, task.vocab_size, shape.num_layers, hidden_size)
+
+
+def _out_of_memory(group: list[_Member], error: BaseException, device: torch.device) -> None:
+    for member in group:
+        if not member.done:
+            member.status, member.message = "oom", str(error).splitlines()[0][:300]
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _results(group: list[_Member], completed: float, hidden_size: int, parameter_count: int) -> list[TrainResult]:
+    """A TrainResult per member; ``completed``: the run's clock at its end (``end`` of those still in it)."""
     results = []
     for member in group:
         failed = member.status in ("diverged", "oom")
@@ -540,7 +625,7 @@ def run_members(spec, task, members, budget, device, progress, num_threads, buil
             metrics={} if failed else dict(member.run.best_metrics),
             steps=member.run.steps,
             epochs=member.run.epochs,
-            duration_s=(end - start) / len(group),
+            duration_s=end / len(group),
             curve=tuple(member.run.curve),
             hidden_size=hidden_size,
             parameter_count=parameter_count,
@@ -551,7 +636,11 @@ def run_members(spec, task, members, budget, device, progress, num_threads, buil
     return results
 
 
-def _run(trained, group: list[_Member], task, budget, device, progress, start: float, checkpoint=None) -> None:
+def _run(trained: Members, group: list[_Member], task, budget, device, progress, clock: _Clock, checkpoint=None,
+         stops: Sequence[int] = ()) -> Iterator[list[_Member]]:
+    """The loop, as a generator: it yields (the members still training) only after the evaluation that ends at
+    one of ``stops`` (step counts), and takes back the members to prune there (``pruned``); without stops it
+    runs to the end at the first ``next``."""
     train_tokens, train_mask = batchify(task.splits["train"], task.batch_size, device)
     valid_tokens, valid_mask = batchify(task.splits["valid"].head(budget.eval_tokens), task.eval_batch_size, device)
     windows_per_pass = math.ceil((train_tokens.shape[0] - 1) / task.unroll)
@@ -570,7 +659,7 @@ def _run(trained, group: list[_Member], task, budget, device, progress, start: f
         nonlocal active, carried
         if not leaving:
             return
-        now = time.perf_counter()
+        now = clock.elapsed()
         for member in leaving:
             member.end = now
             if member.status in ("ok", "timeout") and budget.evaluate_test and "test" in task.splits:
@@ -608,8 +697,8 @@ def _run(trained, group: list[_Member], task, budget, device, progress, start: f
                 if budget.evaluate_test:
                     member.best_state = trained.snapshot(active.index(member))
             if progress is not None:
-                progress({"kind": "epoch", **point, "total_steps": total_steps, "elapsed_s": time.perf_counter() - start,
-                          "member": member.position})
+                progress({"kind": "epoch", **point, "total_steps": total_steps,
+                          "elapsed_s": clock.elapsed(), "member": member.position})
         leave(diverged)
 
     running = True
@@ -634,7 +723,8 @@ def _run(trained, group: list[_Member], task, budget, device, progress, start: f
             loss_values = losses.tolist()
             trained.zero_grad()
             losses.sum().backward()
-            norms = trained.clip_and_update([m.schedule.learning_rate for m in active], [m.hparams.max_grad_norm for m in active])
+            norms = trained.clip_and_update([m.schedule.learning_rate for m in active],
+                                            [m.hparams.max_grad_norm for m in active])
             diverged = []
             for member, loss_value, norm in zip(active, loss_values, norms):
                 if not math.isfinite(loss_value):
@@ -646,8 +736,9 @@ def _run(trained, group: list[_Member], task, budget, device, progress, start: f
                     member.epoch_loss += loss_value
                     if progress is not None:
                         progress({
-                            "kind": "step", "step": member.run.steps, "total_steps": total_steps, "epoch": member.run.epochs,
-                            "loss": loss_value, "learning_rate": member.schedule.learning_rate, "member": member.position,
+                            "kind": "step", "step": member.run.steps, "total_steps": total_steps,
+                            "epoch": member.run.epochs, "loss": loss_value,
+                            "learning_rate": member.schedule.learning_rate, "member": member.position,
                         })
                     continue
                 diverged.append(member)
@@ -659,7 +750,7 @@ def _run(trained, group: list[_Member], task, budget, device, progress, start: f
             if budget.max_steps is not None and steps >= budget.max_steps:
                 running = False
                 break
-            if max_seconds is not None and time.perf_counter() - start >= max_seconds:
+            if max_seconds is not None and clock.elapsed() >= max_seconds:
                 running = False
                 for member in active:
                     member.status, member.message = "timeout", f"wall-clock cap of {budget.max_seconds:g} s reached"
@@ -680,6 +771,16 @@ def _run(trained, group: list[_Member], task, budget, device, progress, start: f
             checkpoint.save(trained, [(index, m, not running or m in ending) for index, m in enumerate(active)
                                       if m.status == "ok"], row=row, carried=carried)
         leave(ending)
+        if running and active and epoch_steps == steps_per_epoch and steps in stops:
+            pruned = (yield list(active)) or []
+            rung = list(stops).index(steps) + 1
+            for member in pruned:
+                member.status, member.message = "pruned", f"pruned at rung {rung} (step {steps})"
+                if progress is not None:
+                    progress({"kind": "pruned", "step": member.run.steps, "total_steps": total_steps,
+                              "epoch": member.run.epochs, "score": member.run.best_score, "rung": rung,
+                              "elapsed_s": clock.elapsed(), "member": member.position})
+            leave(pruned)
     leave(list(active))
     if finished:
         tested = [m for m in group if m in finished]
@@ -697,5 +798,3 @@ def _select(state: Any, indices: list[int]) -> Any:
     if isinstance(state, torch.Tensor):
         return state[indices]
     return tuple(_select(s, indices) for s in state)
-
-

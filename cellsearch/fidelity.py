@@ -1,0 +1,89 @@
+"""Successive halving over a unit's settings (torch-free, so that configs can name it without importing torch).
+
+:class:`HalvingConfig` is read by :func:`cellsearch.training.groups.train_settings` (through
+:mod:`cellsearch.training.halving`) and by the search's unit of work (``UnitSpec.halving``). With
+halving on, a unit trains its K settings to a first *rung* (a fraction of the budget's planned
+steps), ranks them on their best validation score so far, keeps the best ``1/eta`` of them and
+continues those to the next rung, up to the full budget (Jamieson & Talwalkar 2016; one bracket of
+Hyperband, Li et al. 2017). A setting that survives every rung ends exactly as it would alone.
+
+The pure rules live here: :func:`rung_steps` (where the rungs fall) and :func:`survivors` (how many
+go on).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import Any, Mapping
+
+from cellsearch.config import ConfigError, from_mapping, option, shown, to_mapping
+
+__all__ = ["HalvingConfig", "rung_steps", "survivors"]
+
+
+@dataclass(frozen=True)
+class HalvingConfig:
+    """Whether and how a unit's settings are pruned rung by rung (successive halving)."""
+
+    enabled: bool = option(False, "successive halving over a unit's settings; off trains every setting to the full "
+                           "budget (today's results, exactly)")
+    eta: int = option(3, "keep the best 1/eta of the settings still training at each rung (3: Hyperband's default)",
+                      check=lambda n: n >= 2, rule=">= 2")
+    min_fraction: float = option(
+        1 / 9, "the first rung as a fraction of the budget's planned steps; rungs follow at min_fraction * eta^k. "
+        "1/9 with eta 3 gives rungs at 1/9, 1/3 and the whole budget: of 9 settings 3 reach the second rung and 1 the "
+        "end, about 2.3 full runs' steps instead of 9",
+        check=lambda f: 0 < f <= 1, rule="0 < f <= 1",
+    )
+
+    def __post_init__(self) -> None:
+        # from_dict checks before building; this catches a config built directly with a bad value
+        for item in dataclasses.fields(self):
+            check = item.metadata.get("check")
+            value = getattr(self, item.name)
+            if check is not None and not check(value):
+                raise ConfigError(f"{item.name}: {shown(value)} is out of range ({item.metadata.get('rule')})")
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_mapping(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | None) -> "HalvingConfig":
+        return from_mapping(cls, dict(data or {}))
+
+
+def rung_steps(total_steps: int, steps_per_epoch: int, eta: int, min_fraction: float) -> list[int]:
+    """The rung boundaries (training steps at which settings are ranked and pruned), ending at ``total_steps``.
+
+    Rung ``k`` falls at ``total_steps * min_fraction * eta**k`` rounded *up* to whole epochs of
+    ``steps_per_epoch`` steps (the loop evaluates, and so can rank, only at the end of an epoch);
+    boundaries at or beyond ``total_steps`` are dropped, equal ones merged, and the last rung is
+    ``total_steps`` itself (the full budget, which need not be a whole number of epochs when
+    ``max_steps`` caps it). ``min_fraction`` is read as the nearest fraction with a denominator of at
+    most a million (1/9 as written in a config is exactly one ninth), so no rounding error moves a
+    rung by an epoch. ``rung_steps(90, 10, 3, 1/9) == [10, 30, 90]``.
+    """
+    if total_steps < 1 or steps_per_epoch < 1:
+        raise ValueError(f"total_steps ({total_steps}) and steps_per_epoch ({steps_per_epoch}) must be >= 1")
+    if eta < 2 or not 0 < min_fraction <= 1:
+        raise ValueError(f"eta must be >= 2 (got {eta}) and 0 < min_fraction <= 1 (got {min_fraction})")
+    fraction = Fraction(min_fraction).limit_denominator(10**6)
+    rungs: list[int] = []
+    target = total_steps * fraction
+    while target < total_steps:
+        step = math.ceil(target / steps_per_epoch) * steps_per_epoch
+        if step >= total_steps:
+            break
+        if not rungs or step > rungs[-1]:
+            rungs.append(step)
+        target *= eta
+    rungs.append(total_steps)
+    return rungs
+
+
+def survivors(count: int, eta: int) -> int:
+    """How many of ``count`` settings still training at a rung go on: the best ``count // eta``, at least one."""
+    return max(1, count // eta)
