@@ -194,6 +194,34 @@ def test_serial_search_records_everything(reference_run):
     assert scored["score"].to_numpy() == pytest.approx(expected.to_numpy())
 
 
+def test_optuna_sees_readable_studies_and_trial_states(reference_run):
+    """What optuna-dashboard shows, read back through Optuna's own API: each study names its cell, task,
+    equations and objective; each trial's state and ``status`` attribute follow the evaluation row."""
+    import optuna
+    from optuna.trial import TrialState
+
+    results = load_run(reference_run)
+    try:
+        evaluations, cells = results.evaluations(), results.cells().set_index("hash")
+    finally:
+        results.close()
+    url = f"sqlite:///{reference_run / 'run.db'}"
+    expected_state = {"ok": TrialState.COMPLETE, "timeout": TrialState.COMPLETE, "pruned": TrialState.PRUNED,
+                      "diverged": TrialState.FAIL, "oom": TrialState.FAIL, "error": TrialState.FAIL}
+    for (cell, task), rows in evaluations.groupby(["cell", "task"]):
+        study = optuna.load_study(study_name=f"{cell}/{task}", storage=url)
+        attrs = study.user_attrs
+        assert attrs["cell"] == (cells.at[cell, "name"] if isinstance(cells.at[cell, "name"], str) else cell[:12])
+        assert attrs["task"] == task and attrs["cell_hash"] == cell and " = " in attrs["equations"]
+        assert study.metric_names == ["accuracy (held-out)"]
+        trials = {trial.number: trial for trial in study.trials}
+        for row in rows.itertuples():
+            trial = trials[row.trial_number]
+            assert trial.state == expected_state[row.status] and trial.user_attrs["status"] == row.status
+            if trial.state == TrialState.COMPLETE:
+                assert trial.value == pytest.approx(row.score)
+
+
 def test_same_seed_same_search(reference_run, tmp_path):
     run_serial(tiny_config(), tmp_path / "again")
     pd.testing.assert_frame_equal(trained(reference_run), trained(tmp_path / "again"))

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+import sqlalchemy
 
 from cellsearch.results import load_run
 from searchchecks import fresh_postgres_database, needs_postgres
@@ -53,6 +54,15 @@ def test_smoke_search_on_postgres(tmp_path, database, ray_address, ptb_dir):
     studies = optuna.get_all_study_summaries(optuna.storages.RDBStorage(database))
     assert {s.study_name for s in studies} == {f"{c}/{t}" for c, t in evaluations[["cell", "task"]].drop_duplicates()
                                                .itertuples(index=False)}
+    # Both spellings of the URL work for Optuna's own tools (optuna-dashboard takes the URL a user typed): the
+    # plain postgresql:// one goes through psycopg 3, which the `postgres` extra installs beside psycopg2.
+    plain = sqlalchemy.engine.make_url(database).set(drivername="postgresql").render_as_string(hide_password=False)
+    assert set(optuna.get_all_study_names(storage=plain)) == {s.study_name for s in studies}
+    # PTB trials carry the perplexity people read (the objective stays 1/perplexity, named so).
+    ptb = optuna.load_study(study_name=f"{cells.loc[cells['name'] == 'gru', 'hash'].item()}/ptb", storage=plain)
+    assert ptb.metric_names == ["1/perplexity (held-out)"]
+    complete = [t for t in ptb.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert complete and all(t.user_attrs["perplexity"] == pytest.approx(1 / t.value) for t in complete)
     top = subprocess.run([sys.executable, "-m", "cellsearch.cli", "top", str(run_dir), "--json"], cwd=REPO,
                          capture_output=True, text=True, timeout=120)
     assert top.returncode == 0 and json.loads(top.stdout)[0]["name"] in ("gru", "lstm", None)

@@ -136,9 +136,12 @@ def run_search(config, storage, run_dir: Path, args: argparse.Namespace) -> int:
     print(f"run directory: {run_dir}")
     print(f"steps {progress.steps_done}, units {progress.units_done}, evaluations {progress.evaluations}, "
           f"cells evaluated {progress.cells_evaluated}")
-    confirmed = f", {progress.confirmed} confirmed on fresh paired seeds" if config.confirm_seeds else \
-        " (not confirmed: set confirm_seeds to re-evaluate them on fresh paired seeds)"
-    print(f"candidates above {config.reference_cell} when evaluated: {progress.beat_reference}{confirmed}")
+    if config.confirm_seeds:
+        print(f"candidates above {config.reference_cell} when evaluated: {progress.beat_reference}, confirmed on "
+              f"fresh paired seeds: {progress.confirmed}")
+    elif progress.beat_reference:
+        print(f"candidates above {config.reference_cell} when evaluated: {progress.beat_reference} (not confirmed: "
+              f"a score above 1 may be noise; confirm_seeds re-evaluates such candidates on fresh paired seeds)")
     print_top(run_dir)
     if stop_mode is not None:
         print(f"\nstopped before the end; continue with: cellsearch resume {run_dir}")

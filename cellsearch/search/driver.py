@@ -648,43 +648,39 @@ class SearchDriver:
                 "curve_json": json.dumps(result.get("curve"), default=float)}
 
     def _tell(self, study, evaluation: Mapping[str, Any]) -> None:
-        """Tell Optuna one trained setting (an evaluation row): COMPLETE with its score, FAIL for an error, and with
-        successive halving on, its learning curve as intermediate values and PRUNED for a pruned setting."""
+        """Tell Optuna one trained setting (an evaluation row), as optuna-dashboard users expect: COMPLETE with its
+        score (ok, timeout), FAIL (diverged, oom, error), PRUNED (successive halving); user attributes ``status``
+        and, for a perplexity task, ``perplexity``; with successive halving on, the learning curve as intermediate
+        values. One retried operation; a trial already finished (told before a crash, or by an attempt whose
+        acknowledgement was lost) is left alone."""
         from optuna.trial import TrialState
 
-        trial_number, status, score = evaluation["trial_number"], evaluation["status"], evaluation["score"]
-        if self.config.fidelity.enabled and status != "error":
-            self._report_curve(study, trial_number, evaluation.get("curve_json"))
-        # skip_if_finished: a trial told just before a crash (or by an attempt whose acknowledgement was lost)
-        # is not told again.
-        if status == "error":
-            tell = lambda: study.tell(trial_number, state=TrialState.FAIL, skip_if_finished=True)  # noqa: E731
-        elif status == "pruned":
-            tell = lambda: study.tell(trial_number, state=TrialState.PRUNED, skip_if_finished=True)  # noqa: E731
-        else:
-            tell = lambda: study.tell(trial_number, score, skip_if_finished=True)  # noqa: E731
-        self.storage.retry(tell, f"tell trial {trial_number} of {_short(study.study_name)}")
-
-    def _report_curve(self, study, trial_number: int, curve_json: str | None) -> None:
-        """The held-out score after each epoch as the trial's intermediate values (step -> score), so that
-        optuna-dashboard draws learning curves and shows where a pruned setting stopped. Idempotent: a retry or a
-        resume writes the same values again; a trial already finished is left alone."""
-        from optuna.trial import TrialState
-
-        curve = json.loads(curve_json) if curve_json else []
+        trial_number, status, score = evaluation["trial_number"], evaluation["status"], float(evaluation["score"])
+        name = study.study_name
         storage = self.optuna_storage
+        curve = json.loads(evaluation.get("curve_json") or "[]") if self.config.fidelity.enabled else []
+        perplexity = self._task(name.rpartition("/")[2]).metric == "inverse_perplexity"
 
-        def report() -> None:
-            study_id = storage.get_study_id_from_name(study.study_name)
-            trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, trial_number)
+        def tell() -> None:
+            trial_id = storage.get_trial_id_from_study_id_trial_number(storage.get_study_id_from_name(name),
+                                                                       trial_number)
             if storage.get_trial(trial_id).state != TrialState.RUNNING:
                 return
             for point in curve:
                 value = float(point.get("score", math.nan))
                 if math.isfinite(value):
                     storage.set_trial_intermediate_value(trial_id, int(point["step"]), value)
+            storage.set_trial_user_attr(trial_id, "status", status)
+            if perplexity and score > 0:
+                storage.set_trial_user_attr(trial_id, "perplexity", 1.0 / score)
+            if status in _FAILED:
+                study.tell(trial_number, state=TrialState.FAIL, skip_if_finished=True)
+            elif status == "pruned":
+                study.tell(trial_number, state=TrialState.PRUNED, skip_if_finished=True)
+            else:
+                study.tell(trial_number, score, skip_if_finished=True)
 
-        self.storage.retry(report, f"report the curve of trial {trial_number} of {_short(study.study_name)}")
+        self.storage.retry(tell, f"tell trial {trial_number} of {_short(name)}")
 
     # -- gates and outcomes -------------------------------------------------------------------------------------
 
@@ -772,8 +768,26 @@ class SearchDriver:
         else:
             study = self.storage.retry(lambda: self._optuna.load_study(
                 study_name=name, storage=self.optuna_storage, sampler=sampler), f"load study {_short(name)}")
+        if create and "cell" not in study.user_attrs:
+            self.storage.retry(lambda: self._describe_study(study, cell_hash, task), f"describe study {_short(name)}")
         self._studies[name] = study
         return study
+
+    def _describe_study(self, study, cell_hash: str, task: str) -> None:
+        """What optuna-dashboard shows about a study besides its name (``<cell hash>/<task>``): the cell's name
+        (or short hash) and equations, the task, and the objective's name."""
+        import warnings
+
+        spec = self._spec(cell_hash)
+        study.set_user_attr("cell", spec.name or cell_hash[:12])
+        study.set_user_attr("cell_hash", cell_hash)
+        study.set_user_attr("task", task)
+        study.set_user_attr("equations", spec.equations())
+        metric = self._task(task).metric
+        with warnings.catch_warnings():  # set_metric_names is marked experimental in Optuna 5
+            warnings.simplefilter("ignore")
+            study.set_metric_names(["1/perplexity (held-out)" if metric == "inverse_perplexity"
+                                    else "accuracy (held-out)"])
 
     def _max_in_flight(self) -> int:
         return self.config.max_in_flight or 2 * self.executor.slots
@@ -786,6 +800,10 @@ class SearchDriver:
             self.progress.best_cell = max(finite, key=lambda h: (finite[h], h))
             self.progress.best_score = finite[self.progress.best_cell]
         self._on_progress(self.progress)
+
+
+#: Statuses told to Optuna as FAIL: the setting produced no usable score (its evaluation row scores 0).
+_FAILED = ("diverged", "oom", "error")
 
 
 def _best_complete_trial(study):

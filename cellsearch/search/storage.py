@@ -213,11 +213,12 @@ def _is_true(value: Any) -> bool:
 
 
 def normalize_url(url: str) -> str:
-    """``url`` with a PostgreSQL driver that is installed.
+    """``url`` with the PostgreSQL driver cellsearch connects through.
 
-    SQLAlchemy 2.1 maps a plain ``postgresql://`` to psycopg 3; where only psycopg2
-    is installed (the ``postgres`` extra), the URL names it explicitly, so that the
-    driver, Optuna and ``load_run`` all connect the same way.
+    SQLAlchemy 2.1 maps a plain ``postgresql://`` to psycopg 3. cellsearch's storage fault handling is
+    tested with psycopg2, so where psycopg2 is installed (the ``postgres`` extra) a plain URL names it
+    explicitly, and the driver, Optuna and ``load_run`` all connect the same way. The extra installs
+    psycopg 3 too, so that Optuna's own tools (optuna-dashboard) work with the plain URL a user typed.
     """
     import importlib.util
 
@@ -225,8 +226,7 @@ def normalize_url(url: str) -> str:
         parsed = sa.engine.make_url(url)
     except sa.exc.ArgumentError as error:
         raise UserError(f"the storage URL cannot be used: {error}") from None
-    if parsed.drivername == "postgresql" and importlib.util.find_spec("psycopg") is None \
-            and importlib.util.find_spec("psycopg2") is not None:
+    if parsed.drivername == "postgresql" and importlib.util.find_spec("psycopg2") is not None:
         return parsed.set(drivername="postgresql+psycopg2").render_as_string(hide_password=False)
     return url
 
