@@ -38,7 +38,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import pandas as pd
 
@@ -46,7 +46,11 @@ from cellsearch.errors import UserError
 from cellsearch.outputs import output_directory
 from cellsearch.scoring import cell_score, task_ratio
 
-__all__ = ["write_report", "best_vs_evaluations", "filter_statistics", "lineage_table", "ReportFiles"]
+__all__ = ["write_report", "best_vs_evaluations", "filter_statistics", "lineage_table", "ReportFiles", "Progress"]
+
+#: ``progress(what, done, total)``: once with ``done`` 0 when the steps are known (the run is read), then
+#: after each step of the report (a table, a plot, one drawn cell, the page) with what it wrote.
+Progress = Callable[[str, int, int], None]
 
 
 @dataclass(frozen=True)
@@ -228,12 +232,13 @@ img { max-width: 100%; border: 1px solid #eee; }
 # ------------------------------------------------------------------------------- main
 def write_report(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None,
                  retrain_dir: str | os.PathLike | None = None, top: int = 10, drawn: int = 5,
-                 lineages: int = 3, force: bool = False) -> ReportFiles:
+                 lineages: int = 3, force: bool = False, progress: Progress | None = None) -> ReportFiles:
     """Write the report of the search in ``run_dir`` into ``out_dir`` (default ``RUN_DIR/report``), atomically.
 
     The report is written into a fresh folder next to ``out_dir`` that then takes its place
     (:func:`cellsearch.outputs.replaced_directory`): an earlier report there is replaced as a whole, a
-    folder that is not a report is refused unless ``force``. See :func:`_write_report` for the rest.
+    folder that is not a report is refused unless ``force``. ``progress`` follows its steps (see
+    :data:`Progress`). See :func:`_write_report` for the rest.
     """
     from cellsearch.outputs import replaced_directory
     from cellsearch.search.run import read_run_info
@@ -243,13 +248,14 @@ def write_report(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None =
     read_run_info(run_dir)  # not a run directory: refused before anything is written
     target = Path(out_dir) if out_dir is not None else Path(run_dir) / "report"
     with replaced_directory(target, "cellsearch report", "report folder", force=force) as staging:
-        written = _write_report(run_dir, staging, retrain_dir, top=top, drawn=drawn, lineages=lineages)
+        written = _write_report(run_dir, staging, retrain_dir, top=top, drawn=drawn, lineages=lineages,
+                                progress=progress)
     return ReportFiles(target, written.files)
 
 
 def _write_report(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None,
                   retrain_dir: str | os.PathLike | None = None, top: int = 10, drawn: int = 5,
-                  lineages: int = 3) -> ReportFiles:
+                  lineages: int = 3, progress: Progress | None = None) -> ReportFiles:
     """Write the report of the search in ``run_dir`` (and of a retrain) into ``out_dir``; see the module doc.
 
     ``top`` cells go in the leaderboard table of the page (the CSV holds all),
@@ -270,6 +276,12 @@ def _write_report(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None 
     output_directory(out / "cells", "report folder")
     files: list[str] = []
     sections: list[str] = []
+    steps = {"done": 0, "total": 0}
+
+    def step(what: str) -> None:
+        steps["done"] += 1
+        if progress is not None:
+            progress(what, steps["done"], steps["total"])
 
     run = load_run(run_dir)
     try:
@@ -286,6 +298,10 @@ def _write_report(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None 
                                "params_per_width", *[f"best_{t}" for t in tasks], *[f"ratio_{t}" for t in tasks],
                                "score", "evaluations", "parent"]
         leaderboard = scored[leaderboard_columns]
+        # leaderboard, best-score curve, ratios, filters, the drawn cells, lineage, the retrain, the page
+        steps["total"] = 6 + min(drawn, len(leaderboard)) + (retrain is not None)
+        if progress is not None:
+            progress("run read", 0, steps["total"])
         leaderboard.to_csv(out / "leaderboard.csv", index=False)
         files.append("leaderboard.csv")
         shown = leaderboard.head(top).drop(columns=["hash", "parent"])
@@ -298,6 +314,7 @@ def _write_report(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None 
                                     if isinstance(value, float) and not math.isnan(value)))
             + "); the score is the minimum ratio over tasks. Only cells that passed every filter are listed.</p>"
             + _table_html(shown) + f"<p>All {len(leaderboard)} cells: {_link('leaderboard.csv')}</p>")
+        step("leaderboard")
 
         # Best score against evaluations spent.
         curve = best_vs_evaluations(run, cells)
@@ -310,6 +327,7 @@ def _write_report(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None 
             "best on each task throughout.</p>"
             + _image("best_vs_evaluations.png", "best score against evaluations")
             + f"<p>{_link('best_vs_evaluations.csv')}</p>")
+        step("best score curve")
 
         # Distribution of per-task ratios.
         ratios = pd.concat([pd.DataFrame({"task": task, "hash": cells["hash"], "ratio": cells[f"ratio_{task}"]})
@@ -322,12 +340,14 @@ def _write_report(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None 
         sections.append("<h2>Per-task ratios of evaluated cells</h2>"
                         f"<p class='note'>{html.escape(counts)} (the reference cell excluded).</p>"
                         + _image("ratios.png", "distribution of per-task ratios") + f"<p>{_link('ratios.csv')}</p>")
+        step("ratios")
 
         # Filter statistics.
         filters = filter_statistics(cells, tasks, config.memorize_task, run.population_changes())
         filters.to_csv(out / "filters.csv", index=False)
         files.append("filters.csv")
         sections.append("<h2>Filters</h2>" + _table_html(filters) + f"<p>{_link('filters.csv')}</p>")
+        step("filters")
 
         # Drawings and equations of the top cells.
         top_cells = leaderboard.head(drawn)
@@ -343,6 +363,7 @@ def _write_report(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None 
                           f"<pre>{html.escape(spec.equations())}</pre>{_image(stem + '.png', title)}"
                           f"<p class='note'>hash {html.escape(row.hash)} · {_link(stem + '.txt', 'equations')}</p>"
                           "</div>")
+            step(f"cell #{row.rank} {_label(row)} drawn")
         sections.append("<h2>Top cells</h2>" + ("".join(blocks) or "<p>No cell has been scored on every task yet.</p>"))
 
         # Lineage of the best cells.
@@ -359,6 +380,7 @@ def _write_report(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None 
                         "with the mutation that made each step.</p>"
                         + ("".join(parts) or "<p>No candidate has been scored on every task yet.</p>")
                         + f"<p>{_link('lineage.csv')}</p>")
+        step("lineage")
         title = f"cellsearch report: run {run.run_id}"
         header = (f"<h1>{html.escape(title)}</h1><p class='note'>Run directory {html.escape(str(Path(run_dir)))}; "
                   f"tasks {html.escape(', '.join(tasks))}; budget profile {html.escape(config.budget_profile)}; "
@@ -383,6 +405,7 @@ def _write_report(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None 
             + _image("retrain_curves.png", "retrain learning curves")
             + "<p>" + " · ".join(_link(name) for name in ("retrain_summary.csv", "retrain_results.csv",
                                                            "retrain_curves.csv")) + "</p>")
+        step("retrain")
 
     page = ("<!DOCTYPE html><html><head><meta charset='utf-8'>"
             f"<title>{html.escape(title)}</title><style>{_STYLE}</style></head><body>"
@@ -390,6 +413,7 @@ def _write_report(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None 
     (out / "index.html").write_text(page, encoding="utf-8")
     files.insert(0, "index.html")
     _remove_stale_drawings(out, files)
+    step("page")
     return ReportFiles(out, tuple(files))
 
 

@@ -8,6 +8,7 @@ checkout (``../shared/data/ptb``) unless ``CELLSEARCH_PTB_DIR`` is set.
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,9 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("MKL_NUM_THREADS", "1")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+# A user's cached Penn Treebank copy (`cellsearch data fetch ptb`) must not change what the tests see: the
+# cache is an empty place here, and tests of the cache point CELLSEARCH_CACHE_DIR at their own directory.
+os.environ["CELLSEARCH_CACHE_DIR"] = os.path.join(tempfile.gettempdir(), f"cellsearch-tests-no-cache-{os.getpid()}")
 # Absolute: the README's test command gives a relative path, and tests change the working directory.
 PTB_DIR = Path(os.environ.get("CELLSEARCH_PTB_DIR", REPO_ROOT.parent / "shared" / "data" / "ptb")).resolve()
 

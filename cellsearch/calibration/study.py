@@ -25,6 +25,7 @@ import json
 import math
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -442,13 +443,16 @@ def pending_units(plan: StudyPlan, store: StudyStore) -> int:
 
 
 def run_study(plan: StudyPlan, store: StudyStore, executor, progress: Callable[[int, int], None] | None = None,
-              log: Callable[[str], None] | None = None) -> StudyOutcome:
+              log: Callable[[str], None] | None = None,
+              on_unit: Callable[[str, int, int], None] | None = None) -> StudyOutcome:
     """Train every unit of ``plan`` not yet in ``store`` on ``executor``; each unit commits as one transaction.
 
     Contract: a unit whose code raised (a bug, a cell that cannot be built) is recorded with status
     ``error`` for all its members and never retried; a unit whose worker or node was lost after Ray's
     retries is not recorded and runs again on the next start (``StudyOutcome.system_failures``).
     Divergence and out of memory are results (status ``diverged`` / ``oom``, score 0), as in a search.
+    ``progress(done, total)`` is called at the start and after each recorded unit; ``on_unit(what, done,
+    total)`` after each recorded unit too, ``what`` naming it and its members' outcomes (``"b6/gru: 4 ok"``).
     """
     from cellsearch.search.units import SettingSpec, UnitSpec
 
@@ -507,6 +511,11 @@ def run_study(plan: StudyPlan, store: StudyStore, executor, progress: Callable[[
                 outcome.units_run += 1
                 if progress is not None:
                     progress(outcome.units_done_before + outcome.units_run, total)
+                if on_unit is not None:
+                    statuses = Counter(str(row["status"]) for row in rows)
+                    on_unit(f"{group.name}/{cell.name}: "
+                            + ", ".join(f"{count} {status}" for status, count in sorted(statuses.items())),
+                            outcome.units_done_before + outcome.units_run, total)
     except KeyboardInterrupt:
         outcome.stopped = True
         raise

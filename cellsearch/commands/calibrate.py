@@ -43,7 +43,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--random-settings", type=int, metavar="K", help="random settings per budget (default 0)")
     parser.add_argument("--no-default-setting", action="store_true", help="train only the random settings")
     parser.add_argument("--seed", type=int, help="study seed (default 0)")
-    parser.add_argument("--data-dir", help="Penn Treebank directory for ptb (else $CELLSEARCH_PTB_DIR)")
+    parser.add_argument("--data-dir", help="Penn Treebank directory for ptb (else $CELLSEARCH_PTB_DIR, else the copy "
+                        "`cellsearch data fetch ptb` cached)")
     parser.add_argument("--device", help="torch device of the units (default cpu)")
     parser.add_argument("--workers", type=int, metavar="N", help="CPUs of the embedded Ray instance "
                         "(default: all of this machine's)")
@@ -85,15 +86,25 @@ def _config(args: argparse.Namespace):
             if data["task"] != "ptb" else ["small"]
         data["budgets"] = [{"name": p, "profile": p} for p in profiles]
     if data["task"] == "ptb" or str(data["task"]).endswith("ptb.yaml"):
-        directory = args.data_dir or data.get("ptb_dir") or os.environ.get(PTB_ENV)
-        if not directory or not (Path(directory).expanduser() / "ptb.train.txt").is_file():
-            raise UserError(f"the ptb task needs the Penn Treebank: give --data-dir or set {PTB_ENV} to a directory "
-                            f"holding ptb.train.txt, ptb.valid.txt and ptb.test.txt")
+        from cellsearch.tasks.ptb import default_data_dir  # the verified cached copy, else a one-line error
+
+        directory = args.data_dir or data.get("ptb_dir") or os.environ.get(PTB_ENV) or str(default_data_dir())
+        if not (Path(directory).expanduser() / "ptb.train.txt").is_file():
+            raise UserError(f"the ptb task needs the Penn Treebank: no ptb.train.txt in {directory} (give --data-dir, "
+                            f"set {PTB_ENV}, or run `cellsearch data fetch ptb`)")
         data["ptb_dir"] = str(Path(directory).expanduser().resolve())
     return StudyConfig.from_dict(data)
 
 
 def run(args: argparse.Namespace) -> int:
+    from cellsearch.commands._progress import CommandProgress
+
+    # At once, before the seconds of imports, planning and starting Ray: the user sees the command working.
+    with CommandProgress("calibrate", "units", enabled=not args.no_progress) as bar:
+        return _run(args, bar)
+
+
+def _run(args: argparse.Namespace, bar) -> int:
     from cellsearch.calibration.study import StudyStore, plan_study
     from cellsearch.search.run import ensure_writable
 
@@ -140,7 +151,7 @@ def run(args: argparse.Namespace) -> int:
             locks.append(_lock(out))
             store = StudyStore(out, config)
             plan = _stored_plan(store, config, task)
-        return _run_locked(args, out, config, task, store, plan)
+        return _run_locked(args, out, config, task, store, plan, bar)
     finally:
         for lock in locks:
             lock.release()
@@ -153,21 +164,25 @@ def _lock(out: Path):
     return acquire(out, f"the study directory {out}", command="cellsearch calibrate")
 
 
-def _run_locked(args: argparse.Namespace, out: Path, config, task, store, plan) -> int:
+def _run_locked(args: argparse.Namespace, out: Path, config, task, store, plan, bar) -> int:
     from cellsearch.calibration.analysis import analyse, summary_text, write_outputs
     from cellsearch.calibration.study import pending_units, run_study
 
-    log = lambda message: print(message, file=sys.stderr)  # noqa: E731
+    log = bar.write  # above the bar, or plain lines with --no-progress
     group_text = ", ".join(f"{g.name} ({'+'.join(g.members)})" for g in plan.groups)
     log(f"calibrate {config.task}: {len(plan.cells)} cells x {len(plan.groups)} run group(s) [{group_text}] x "
         f"{len(plan.groups[0].settings)} setting(s) x {config.seeds} seed(s) -> {out}")
     executor = _executor(args, config) if pending_units(plan, store) else None  # no Ray start for nothing
-    bar = _progress(not args.no_progress, log)
+
+    def progress(done: int, total: int) -> None:
+        if bar.total is None:  # the first call: the units recorded by earlier starts
+            bar.start(total, done, f"{done} done before" if done else None)
+
     try:
-        outcome = run_study(plan, store, executor, progress=bar, log=log)
+        outcome = run_study(plan, store, executor, progress=progress, log=log,
+                            on_unit=lambda what, done, total: bar.advance(done, what))
     finally:
-        if hasattr(bar, "close"):
-            bar.close()
+        bar.close()  # before the tables: the finished bar stays above them
     tables = analyse(plan, store, task)
     write_outputs(tables, out)
     print(summary_text(tables))
@@ -211,33 +226,3 @@ def _executor(args: argparse.Namespace, config):
         raise  # already one line (ClusterUnreachable says where and why)
     except ConnectionError as error:
         raise UserError(f"cannot attach to the Ray cluster at {args.address or 'RAY_ADDRESS'}: {error}") from None
-
-
-def _progress(enabled: bool, log):
-    if not enabled:
-        state = {"last": None}
-
-        def line(done: int, total: int) -> None:
-            if state["last"] != done:
-                state["last"] = done
-                log(f"units {done}/{total}")
-
-        return line
-    from tqdm import tqdm
-
-    bar = tqdm(unit="unit", dynamic_ncols=True, file=sys.stderr, smoothing=0.05, mininterval=1.0)
-
-    class Bar:
-        def __call__(self, done: int, total: int) -> None:
-            bar.total = total
-            if bar.n == 0 and done:
-                bar.reset(total)
-                bar.update(done)
-                bar.unpause()
-            else:
-                bar.update(done - bar.n)
-
-        def close(self) -> None:
-            bar.close()
-
-    return Bar()

@@ -12,7 +12,6 @@ else is in ``--out`` (see :mod:`cellsearch.retrain`; the flags are :class:`~cell
 from __future__ import annotations
 
 import argparse
-import sys
 
 from cellsearch.batching import BatchingConfig
 from cellsearch.devices import check_device
@@ -42,20 +41,32 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--no-batch", action="store_true",
                         help="train each seed as a run of its own instead of a cell's seeds as one batched model "
                              "(where batching pays: always on a GPU, on a CPU when the cells outweigh the softmax)")
+    parser.add_argument("--no-progress", action="store_true",
+                        help="no progress bar (one log line per finished run)")
     parser.add_argument("--list-presets", action="store_true", help="list the task's presets and exit")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    # Imported here, not at the top: every command module is imported to build the parser, and the retrain
-    # library imports torch and Ray's executors (seconds), which ``cellsearch --help`` should not wait for.
-    from cellsearch.retrain import RetrainOptions, load_presets, resolve_source, retrain, summary_markdown
-    from cellsearch.search.executors import attaches
-
     if args.list_presets:
+        from cellsearch.retrain import load_presets
+
         for name, preset in load_presets(args.task).items():
             print(f"{name:<16} {preset.description}")
         return 0
+    from cellsearch.commands._progress import CommandProgress
+
+    # At once, before the seconds of imports, planning and starting Ray: the user sees the command working.
+    with CommandProgress("retrain", "runs", enabled=not args.no_progress) as bar:
+        return _run(args, bar)
+
+
+def _run(args: argparse.Namespace, bar) -> int:
+    # Imported here, not at the top: every command module is imported to build the parser, and the retrain
+    # library imports torch and Ray's executors (seconds), which ``cellsearch --help`` should not wait for.
+    from cellsearch.retrain import RetrainOptions, resolve_source, retrain, summary_markdown
+    from cellsearch.search.executors import attaches
+
     if args.source is None:
         raise UserError("give a SOURCE: RUN_DIR:HASH, RUN_DIR --top N, a cell file or a reference cell name")
     if args.workers is not None and args.workers < 1:
@@ -66,21 +77,37 @@ def run(args: argparse.Namespace) -> int:
     baselines = [name.strip() for name in args.baselines.split(",") if name.strip()]
     out_dir = args.out or f"retrain-{args.task}-{args.preset}"
 
+    started = [False]
+
+    def on_start(done: int, total: int) -> None:
+        started[0] = True
+        bar.start(total, done, f"{done} finished before" if done else None)
+
     def on_done(record: dict, done: int, total: int) -> None:
         metrics = record.get("metrics", {})
         shown = ", ".join(f"{key} {value:.4g}" for key, value in metrics.items()
                           if key.startswith(("valid_", "test_")) and not key.endswith("_loss"))
         resumed = record.get("resumed_from_epoch")
         note = f", resumed from epoch {resumed}" if resumed is not None else ""
-        print(f"[{done}/{total}] {record['label']} seed {record['seed_index']}: {record['status']}"
-              f"{', ' + shown if shown else ''} ({record['duration_s']:.0f} s{note})", file=sys.stderr, flush=True)
+        run = f"{record['label']} seed {record['seed_index']}: {record['status']}"
+        detail = f"{run}{', ' + shown if shown else ''} ({record['duration_s']:.0f} s{note})"
+        if not started[0]:  # finished by an earlier start: counted in on_start's line
+            bar.write(f"retrain: finished before: {detail}")
+        elif bar.enabled:
+            bar.advance(done, run)
+            bar.write(f"[{done}/{total}] {detail}")  # above the bar, which shows the count and the ETA
+        else:
+            bar.advance(done, detail)
 
     options = RetrainOptions(
         seeds=args.seeds, base_seed=args.seed, baselines=tuple(baselines), data_dir=args.data_dir,
         in_process=args.in_process, workers=args.workers, address=args.address, cpus_per_run=args.cpus_per_run,
         gpus_per_run=args.gpus_per_run, device=args.device, batching=BatchingConfig(enabled=not args.no_batch),
     )
-    results = retrain(cells, args.task, args.preset, out_dir, options, on_done=on_done)
+    tick = (lambda event: bar.tick()) if args.in_process and bar.enabled else None
+    results = retrain(cells, args.task, args.preset, out_dir, options, progress=tick, on_done=on_done,
+                      on_start=on_start)
+    bar.close()  # before the table: the finished bar stays above it
     print(summary_markdown(results))
     print(f"results, curves (CSV, PNG), summary (CSV, markdown) and checkpoints in {results.out_dir}")
     return 0

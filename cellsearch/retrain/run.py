@@ -45,6 +45,8 @@ __all__ = ["RetrainOptions", "RunFailure", "retrain", "run_job", "settle_checkpo
 Progress = Callable[[dict[str, Any]], None]
 #: ``on_done(record, done, total)``: a run's record as its job finishes.
 OnDone = Callable[[dict[str, Any], int, int], None]
+#: ``on_start(done, total)``: the plan is written; ``done`` of its ``total`` runs had finished before.
+OnStart = Callable[[int, int], None]
 
 
 @dataclass(frozen=True)
@@ -226,7 +228,7 @@ def _executor(options: RetrainOptions, progress: Progress | None) -> SerialExecu
 
 def retrain(cells: Sequence[RetrainCell], task_name: str, preset_name: str, out_dir: str | os.PathLike,
             options: RetrainOptions = RetrainOptions(), *, progress: Progress | None = None,
-            on_done: OnDone | None = None) -> RetrainResults:
+            on_done: OnDone | None = None, on_start: OnStart | None = None) -> RetrainResults:
     """Retrain ``cells`` and the ``options.baselines`` on ``task_name`` with a preset, ``options.seeds`` seeds each.
 
     Writes everything listed in :mod:`cellsearch.retrain` into ``out_dir``; calling it again with
@@ -237,7 +239,8 @@ def retrain(cells: Sequence[RetrainCell], task_name: str, preset_name: str, out_
     CPUs or on the cluster at ``options.address``. A cell's seeds train as one batched model where
     ``options.batching`` (default: on where it pays, see :func:`~cellsearch.retrain.plan.plan_jobs`)
     says so; results equal separate runs up to rounding. ``on_done(record, done, total)`` is
-    called for each run as its job finishes (once per run). Runs that failed are listed in one
+    called for each run as its job finishes (once per run; first for the runs an earlier start finished),
+    ``on_start(done, total)`` once those are reported, before any run trains. Runs that failed are listed in one
     :class:`~cellsearch.errors.UserError` at the end, after the others finished and the tables
     were written.
     """
@@ -269,6 +272,8 @@ def retrain(cells: Sequence[RetrainCell], task_name: str, preset_name: str, out_
     for run in runs:
         if run.result_path.is_file():
             collect(read_record(run.result_path))
+    if on_start is not None:
+        on_start(len(records), len(runs))
     failures: list[str] = []
     if len(records) < len(runs):
         executor = _executor(options, progress)

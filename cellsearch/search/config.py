@@ -220,17 +220,15 @@ def load_search_config(path: str | Path) -> SearchConfig:
 
 
 def resolve_ptb_dir(config: SearchConfig) -> str | None:
-    """The PTB directory: the config's ``ptb_dir``, else ``$CELLSEARCH_PTB_DIR``; error if ptb needs one."""
+    """The PTB directory: the config's ``ptb_dir``, else ``$CELLSEARCH_PTB_DIR``, else the verified copy in the
+    per-user cache (``cellsearch data fetch ptb``); a one-line error naming that command if ptb needs one."""
     if config.ptb_dir is not None and not Path(config.ptb_dir).expanduser().is_dir():
         raise UserError(f"ptb_dir: no directory {config.ptb_dir}")
     if "ptb" not in config.all_tasks:
         return config.ptb_dir
-    path = config.ptb_dir or os.environ.get(PTB_ENV)
-    if not path:
-        raise UserError(
-            f"the search uses the ptb task but no data directory is set: put ptb_dir in the config or set "
-            f"{PTB_ENV} to a directory holding ptb.train.txt, ptb.valid.txt and ptb.test.txt "
-            f"(Mikolov's split, e.g. from http://www.fit.vutbr.cz/~imikolov/rnnlm/simple-examples.tgz, data/)")
+    from cellsearch.tasks.ptb import default_data_dir  # numpy only; loaded when a search uses ptb
+
+    path = config.ptb_dir or os.environ.get(PTB_ENV) or str(default_data_dir())
     if not (Path(path).expanduser() / "ptb.train.txt").is_file():
         raise UserError(f"no ptb.train.txt in the PTB directory {path}")
     # Absolute, so that the run directory's config names the same directory when resumed from elsewhere.
