@@ -183,3 +183,20 @@ def assert_search_consistent(database: str | Path, run_dir: Path, max_steps: int
             assert check.is_new, (cell.hash, check)
             dedup.add(specs[cell.hash])
     return rows
+
+
+def serial_search(run_dir: Path, config: dict) -> Path:
+    """Run a search with the config ``config`` (a mapping) to its end in this process (serial executor)."""
+    from cellsearch.config import from_mapping
+    from cellsearch.search.config import SearchConfig
+    from cellsearch.search.driver import SearchDriver
+    from cellsearch.search.executors import SerialExecutor
+    from cellsearch.search.run import create_run, task_loader
+
+    resolved, storage = create_run(from_mapping(SearchConfig, config), run_dir)
+    driver = SearchDriver(resolved, storage, SerialExecutor(task_loader(resolved)), task_loader(resolved))
+    try:
+        driver.run()
+    finally:
+        storage.close()
+    return run_dir

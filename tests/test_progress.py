@@ -10,12 +10,8 @@ import pytest
 from cellsearch.cli import main
 from cellsearch.commands import _progress
 from cellsearch.commands._progress import CommandProgress
-from cellsearch.config import from_mapping
 from cellsearch.retrain import load_retrain, summary_markdown
-from cellsearch.search.config import SearchConfig
-from cellsearch.search.driver import SearchDriver
-from cellsearch.search.executors import SerialExecutor
-from cellsearch.search.run import create_run, task_loader
+from searchchecks import serial_search
 
 # whole commands (retrain, calibrate, report) run in process: in the slow tier with the other CLI tests
 pytestmark = pytest.mark.slow
@@ -130,17 +126,10 @@ def test_calibrate_logs_each_unit_and_shows_a_bar(tmp_path, capsys, monkeypatch)
 @pytest.fixture(scope="module")
 def search_run(tmp_path_factory) -> Path:
     """A two-step serial search on smoke budgets (see tests/test_report.py)."""
-    run_dir = tmp_path_factory.mktemp("search") / "run"
-    config, storage = create_run(from_mapping(SearchConfig, {
+    return serial_search(tmp_path_factory.mktemp("search") / "run", {
         "tasks": ["arithmetic"], "budget_profile": "smoke", "population_size": 2, "settings_per_task": 1,
         "settings_per_unit": 1, "memorize_threshold": 0.0, "early_stop_fraction": 0.0, "seed": 11,
-        "max_steps": 2}), run_dir)
-    driver = SearchDriver(config, storage, SerialExecutor(task_loader(config)), task_loader(config))
-    try:
-        driver.run()
-    finally:
-        storage.close()
-    return run_dir
+        "max_steps": 2})
 
 
 def test_report_logs_each_step_and_shows_a_bar(search_run, tmp_path, capsys, monkeypatch):

@@ -11,15 +11,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from cellsearch.config import from_mapping
 from cellsearch.errors import UserError
 from cellsearch.report import _table_html
 from cellsearch.results import load_run
 from cellsearch.retrain import RetrainOptions, resolve_source, retrain
-from cellsearch.search.config import SearchConfig
-from cellsearch.search.driver import SearchDriver
-from cellsearch.search.executors import SerialExecutor
-from cellsearch.search.run import create_run, task_loader
+from searchchecks import serial_search
 
 # end-to-end: subprocesses, Ray, whole searches (the fast tier, `-m "not slow and not faults"`, skips them)
 pytestmark = pytest.mark.slow
@@ -38,14 +34,7 @@ LISTED = ["index.html", "leaderboard.csv", "best_vs_evaluations.csv", "best_vs_e
 
 @pytest.fixture(scope="module")
 def search_run(tmp_path_factory) -> Path:
-    run_dir = tmp_path_factory.mktemp("search") / "run"
-    config, storage = create_run(from_mapping(SearchConfig, TINY), run_dir)
-    driver = SearchDriver(config, storage, SerialExecutor(task_loader(config)), task_loader(config))
-    try:
-        driver.run()
-    finally:
-        storage.close()
-    return run_dir
+    return serial_search(tmp_path_factory.mktemp("search") / "run", TINY)
 
 
 @pytest.fixture(scope="module")
