@@ -588,3 +588,52 @@ def test_executors_follow_the_protocol():
     assert isinstance(serial, Executor)
     serial.stop()
     assert serial.wait(0) == []
+
+
+# -- retrain: one per output directory, never over a user's files, SIGTERM stops cleanly ---------------------------
+
+RETRAIN = ["retrain", "gru", "--task", "memorize", "--preset", "tiny", "--seeds", "1", "--baselines", "lstm_b",
+           "--no-progress"]
+
+
+def test_a_second_retrain_into_the_same_out_refuses_naming_the_first(tmp_path):
+    from cellsearch.search.lock import acquire
+
+    out = tmp_path / "out"
+    out.mkdir()
+    held = acquire(out, f"the retrain directory {out}", command="cellsearch retrain")  # another retrain, running
+    try:
+        one_line_error(cellsearch(*RETRAIN, "--in-process", "--out", str(out), env=local_env()),
+                       "is in use by cellsearch retrain", f"pid {os.getpid()}")
+    finally:
+        held.release()
+    completed = cellsearch(*RETRAIN, "--in-process", "--out", str(out), env=local_env())
+    assert completed.returncode == 0, completed.stderr[-3000:]
+
+
+def test_retrain_refuses_an_out_directory_holding_other_files(tmp_path):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("my notes\n")
+    one_line_error(cellsearch(*RETRAIN, "--in-process", "--out", str(out), env=local_env()),
+                   "holds files that are not a cellsearch retrain", "notes.txt")
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+
+
+def test_sigterm_stops_a_ray_retrain_cleanly_and_a_rerun_finishes(tmp_path):
+    """Ray's own SIGTERM handler used to abort the driver (a C++ stack dump, exit 134): now exit 143, one line."""
+    out = tmp_path / "out"
+    args = ["retrain", "gru", "--task", "memorize", "--preset", "quick", "--seeds", "1", "--baselines", "lstm_b",
+            "--workers", "1", "--no-progress", "--out", str(out)]
+    process = subprocess.Popen([sys.executable, "-m", "cellsearch.cli", *args], cwd=REPO, env=local_env(),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not list(out.glob("**/*.pt")) and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)  # training has started once the first checkpoint exists
+    assert process.poll() is None, process.communicate()[1][-3000:]
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 143, (process.returncode, stderr[-3000:])
+    assert "Traceback" not in stderr and "terminated" in stderr.strip().splitlines()[-1], stderr[-3000:]
+    rerun = cellsearch(*args, env=local_env(), timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]

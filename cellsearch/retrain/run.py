@@ -10,12 +10,15 @@ not by reading a traceback.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
+import signal
+import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -25,11 +28,13 @@ from cellsearch.errors import UserError
 from cellsearch.hparams import HyperParams
 from cellsearch.model import solve_hidden_size
 from cellsearch.retrain.plan import (
-    DEFAULT_BASELINES, RetrainCell, RetrainJob, baseline_cells, make_plan, make_seeds, plan_jobs, unique_labels,
-    write_plan,
+    DEFAULT_BASELINES, PLAN_FILE, RetrainCell, RetrainJob, baseline_cells, make_plan, make_seeds, plan_jobs,
+    unique_labels, write_plan,
 )
 from cellsearch.retrain.tables import RetrainResults, read_record, write_outputs
+from cellsearch.outputs import output_directory
 from cellsearch.search.config import ResourcesConfig
+from cellsearch.search.lock import LOCK_NAME, acquire
 from cellsearch.search.executors import RayExecutor, SerialExecutor
 from cellsearch.spec import CellSpec
 from cellsearch.tasks import get_task
@@ -216,6 +221,31 @@ def run_job(job: RetrainJob, task, progress: Progress | None = None) -> list[dic
 
 
 # ------------------------------------------------------------------------------ driver
+@contextlib.contextmanager
+def _deferred_sigterm() -> Iterator[Callable[[], None]]:
+    """While Ray jobs run: a SIGTERM is noted and acted on between two waits, by the handler that was installed
+    before (the CLI's clean stop, exit 143). Raised inside Ray's wait, which runs in C code, the same stop came out
+    as a SystemError (exit 1); the finally blocks around the loop then shut Ray down and release the lock."""
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: None
+        return
+    received: list[int] = []
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def check() -> None:
+        if received:
+            signal.signal(signal.SIGTERM, previous)
+            if callable(previous):
+                previous(signal.SIGTERM, None)
+            raise SystemExit(143)
+
+    signal.signal(signal.SIGTERM, lambda signum, frame: received.append(signum))
+    try:
+        yield check
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _executor(options: RetrainOptions, progress: Progress | None) -> SerialExecutor | RayExecutor:
     def load_task(name: str):
         return get_task(name, data_dir=options.data_dir)
@@ -250,6 +280,31 @@ def retrain(cells: Sequence[RetrainCell], task_name: str, preset_name: str, out_
     all_cells = unique_labels([*cells, *baseline_cells(options.baselines, cells)])
     seed_values = make_seeds(options.seeds, options.base_seed)
     task = get_task(task_name, data_dir=options.data_dir)
+    _check_output_directory(out_dir)
+    output_directory(out_dir, "retrain output directory")
+    # one retrain per output directory: a second one into the same --out refuses, naming the first
+    lock = acquire(out_dir, f"the retrain directory {out_dir}", command="cellsearch retrain")
+    try:
+        return _retrain(cells, all_cells, task, task_name, preset_name, preset, seed_values, out_dir, options,
+                        progress, on_done, on_start)
+    finally:
+        lock.release()
+
+
+def _check_output_directory(out_dir: Path) -> None:
+    """An existing ``--out`` must be empty or a retrain's own (it holds its plan): a retrain never mixes its
+    files into a user's directory."""
+    if not out_dir.is_dir() or (out_dir / PLAN_FILE).is_file():
+        return
+    foreign = sorted(entry.name for entry in os.scandir(out_dir) if entry.name != LOCK_NAME)
+    if foreign:
+        listed = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise UserError(f"--out {out_dir} already holds files that are not a cellsearch retrain ({listed}); give a "
+                        f"new or empty directory")
+
+
+def _retrain(cells, all_cells, task, task_name, preset_name, preset, seed_values, out_dir: Path,
+             options: RetrainOptions, progress, on_done, on_start) -> RetrainResults:
     write_plan(out_dir, make_plan(task.name, preset_name, preset, seed_values, options.base_seed, all_cells))
 
     def plan_for(slots: int) -> list[RetrainJob]:
@@ -278,32 +333,37 @@ def retrain(cells: Sequence[RetrainCell], task_name: str, preset_name: str, out_
     if len(records) < len(runs):
         executor = _executor(options, progress)
         try:
-            jobs = [job for job in plan_for(executor.slots) if not job.finished]
-            settle_checkpoints(jobs, task)
-            by_id = {job.unit_id: job for job in jobs}
-            executor.prepare([task_name])
-            queue = list(jobs)
-            while queue or executor.in_flight:
-                while queue and executor.in_flight < executor.slots:
-                    executor.submit(queue.pop(0))
-                for completion in executor.wait(timeout=1.0):
-                    job = by_id[completion.unit_id]
-                    if completion.error is None:
-                        for item in completion.results:
-                            failure = RunFailure.from_record(item)
-                            if failure is None:
-                                collect(item)
+            stop_point = _deferred_sigterm() if isinstance(executor, RayExecutor) else contextlib.nullcontext(None)
+            with stop_point as check_stop:
+                jobs = [job for job in plan_for(executor.slots) if not job.finished]
+                settle_checkpoints(jobs, task)
+                by_id = {job.unit_id: job for job in jobs}
+                executor.prepare([task_name])
+                queue = list(jobs)
+                while queue or executor.in_flight:
+                    while queue and executor.in_flight < executor.slots:
+                        executor.submit(queue.pop(0))
+                    completions = executor.wait(timeout=1.0)
+                    if check_stop is not None:
+                        check_stop()
+                    for completion in completions:
+                        job = by_id[completion.unit_id]
+                        if completion.error is None:
+                            for item in completion.results:
+                                failure = RunFailure.from_record(item)
+                                if failure is None:
+                                    collect(item)
+                                else:
+                                    failures.append(failure.line())
+                            continue
+                        # An error the job did not turn into a RunFailure (a bug, a lost worker): its unfinished runs
+                        # fail with its last line; the others may have finished before it was raised.
+                        reason = completion.error.strip().splitlines()[-1]
+                        for run in job.runs:
+                            if run.result_path.is_file():
+                                collect(read_record(run.result_path))
                             else:
-                                failures.append(failure.line())
-                        continue
-                    # An error the job did not turn into a RunFailure (a bug, a lost worker): its unfinished runs
-                    # fail with its last line; the others may have finished before it was raised.
-                    reason = completion.error.strip().splitlines()[-1]
-                    for run in job.runs:
-                        if run.result_path.is_file():
-                            collect(read_record(run.result_path))
-                        else:
-                            failures.append(f"{job.label} seed {run.seed_index}: {reason}")
+                                failures.append(f"{job.label} seed {run.seed_index}: {reason}")
         finally:
             executor.close()
     results = write_outputs(out_dir)

@@ -33,9 +33,11 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import traceback
 from contextlib import contextmanager
@@ -332,6 +334,10 @@ class RayExecutor:
         self._ray = ray
         self._started_ray = False
         if not ray.is_initialized():
+            # ray.init replaces the driver's SIGTERM handler with one that exits at once (a C++ stack dump, exit
+            # 134, when Ray's threads are busy); the caller's handler (the CLI's: a clean stop, exit 143) is put back
+            in_main_thread = threading.current_thread() is threading.main_thread()
+            previous_terminate = signal.getsignal(signal.SIGTERM) if in_main_thread else None
             if not attaches(address):
                 # "local": a new instance even when another one on this machine is recorded in
                 # /tmp/ray/ray_current_cluster (ray.init() without an address would attach to it).
@@ -343,6 +349,8 @@ class RayExecutor:
                 check_cluster(address)  # ray.init itself would wait up to a quarter of an hour for a dead address
                 ray.init(address=address, log_to_driver=True, configure_logging=False)
             self._started_ray = True
+            if previous_terminate is not None:
+                signal.signal(signal.SIGTERM, previous_terminate)
         self._resources = resources
         self._load_task = load_task
         self._unit_function = unit_function
