@@ -141,18 +141,24 @@ def assert_search_consistent(database: str | Path, run_dir: Path, max_steps: int
     url = database_url(database)
     optuna_storage = optuna.storages.RDBStorage(url)
     try:
-        scores = {}
+        trials = {}
         for summary in optuna.get_all_study_summaries(optuna_storage):
             study = optuna.load_study(study_name=summary.study_name, storage=optuna_storage)
             for trial in study.get_trials(deepcopy=False):
                 assert trial.state.is_finished(), (summary.study_name, trial.number, trial.state)
-                if trial.state == optuna.trial.TrialState.COMPLETE:
-                    scores[(summary.study_name, trial.number)] = trial.value
+                trials[(summary.study_name, trial.number)] = trial
     finally:
         optuna_storage.engine.dispose()
-    for _, _, cell, task, trial, _, _, score, status in rows:
-        if status != "error":
-            assert scores[(f"{cell}/{task}", trial)] == pytest.approx(score)
+    # a setting without a usable score (diverged, out of memory, an error) is a FAIL trial, a pruned one PRUNED
+    failed = {"error", "diverged", "oom"}
+    for _, _, cell, task, number, _, _, score, status in rows:
+        trial = trials[(f"{cell}/{task}", number)]
+        if status in failed:
+            assert trial.state == optuna.trial.TrialState.FAIL, (cell, task, number, status, trial.state)
+        elif status == "pruned":
+            assert trial.state == optuna.trial.TrialState.PRUNED, (cell, task, number, status, trial.state)
+        else:
+            assert trial.state == optuna.trial.TrialState.COMPLETE and trial.value == pytest.approx(score)
 
     # The population: replaying the recorded enter/leave changes, the cells' status column and a driver
     # rebuilt from storage (what a resume starts from) give the same set, within the configured size.
