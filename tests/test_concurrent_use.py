@@ -620,7 +620,7 @@ def test_retrain_refuses_an_out_directory_holding_other_files(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
 
 
-def test_sigterm_stops_a_ray_retrain_cleanly_and_a_rerun_finishes(tmp_path):
+def test_sigterm_stops_a_ray_retrain_cleanly_and_leaves_it_resumable(tmp_path):
     """Ray's own SIGTERM handler used to abort the driver (a C++ stack dump, exit 134): now exit 143, one line."""
     out = tmp_path / "out"
     args = ["retrain", "gru", "--task", "memorize", "--preset", "quick", "--seeds", "1", "--baselines", "lstm_b",
@@ -635,5 +635,9 @@ def test_sigterm_stops_a_ray_retrain_cleanly_and_a_rerun_finishes(tmp_path):
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 143, (process.returncode, stderr[-3000:])
     assert "Traceback" not in stderr and "terminated" in stderr.strip().splitlines()[-1], stderr[-3000:]
-    rerun = cellsearch(*args, env=local_env(), timeout=600)
-    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    # Ray was shut down and the lock released (the next retrain may start), and the checkpoints are there for it to
+    # resume from (resuming to the uninterrupted result is tests/test_retrain.py's SIGKILL test)
+    from cellsearch.search.lock import check_free
+
+    check_free(out, "the retrain directory")
+    assert (out / "plan.json").is_file() and list(out.glob("**/*.pt"))
