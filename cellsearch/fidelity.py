@@ -1,4 +1,6 @@
-"""Successive halving over a unit's settings (torch-free, so that configs can name it without importing torch).
+"""Multi-fidelity rules: successive halving over a unit's settings, and promotion across candidates.
+
+Torch-free, so that configs can name them without importing torch.
 
 :class:`HalvingConfig` is read by :func:`cellsearch.training.groups.train_settings` (through
 :mod:`cellsearch.training.halving`) and by the search's unit of work (``UnitSpec.halving``). With
@@ -9,6 +11,13 @@ Hyperband, Li et al. 2017). A setting that survives every rung ends exactly as i
 
 The pure rules live here: :func:`rung_steps` (where the rungs fall) and :func:`survivors` (how many
 go on).
+
+:class:`PromotionConfig` is the search's promotion across candidates (asynchronous successive halving,
+ASHA, Li et al. 2020): a candidate that passed the filter first trains its settings on every task to a
+cheap *rung* (a fraction of each task's planned steps); only candidates whose rung score is in the top
+``1/eta`` of every candidate measured at that rung so far go on to the full budget. The decision is
+Optuna's :class:`~optuna.pruners.SuccessiveHalvingPruner` on a study holding one trial per candidate
+(:mod:`cellsearch.search.driver`); :func:`best_until` reads a rung value off a learning curve.
 """
 
 from __future__ import annotations
@@ -17,11 +26,11 @@ import dataclasses
 import math
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from cellsearch.config import ConfigError, from_mapping, option, shown, to_mapping
 
-__all__ = ["HalvingConfig", "rung_steps", "survivors"]
+__all__ = ["HalvingConfig", "PromotionConfig", "rung_steps", "survivors", "best_until"]
 
 
 @dataclass(frozen=True)
@@ -87,3 +96,45 @@ def rung_steps(total_steps: int, steps_per_epoch: int, eta: int, min_fraction: f
 def survivors(count: int, eta: int) -> int:
     """How many of ``count`` settings still training at a rung go on: the best ``count // eta``, at least one."""
     return max(1, count // eta)
+
+
+@dataclass(frozen=True)
+class PromotionConfig:
+    """Whether and how candidates are promoted from a cheap rung to the full budget (ASHA across candidates)."""
+
+    enabled: bool = option(False, "a candidate that passed the filter trains every task to the cheap rung first and "
+                           "goes on to the full budget only when its rung score is in the top 1/eta of the "
+                           "candidates measured there so far; off: every candidate meets the tasks at the full "
+                           "budget, stopped by early_stop_fraction (the paper)")
+    eta: int = option(3, "promote the top 1/eta of the candidates measured at the rung (ASHA's reduction factor; 3 "
+                      "as in Hyperband)", check=lambda n: n >= 2, rule=">= 2")
+    fraction: float = option(
+        0.25, "the rung as a fraction of each task's planned steps (rounded up to whole epochs): a candidate that is "
+        "not promoted costs this fraction of a full evaluation; one that is trains the same settings on the same "
+        "seeds again from the start (the rung run is a prefix of the full run)",
+        check=lambda f: 0 < f < 1, rule="0 < f < 1")
+
+    def __post_init__(self) -> None:
+        for item in dataclasses.fields(self):
+            check = item.metadata.get("check")
+            value = getattr(self, item.name)
+            if check is not None and not check(value):
+                raise ConfigError(f"{item.name}: {shown(value)} is out of range ({item.metadata.get('rule')})")
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_mapping(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | None) -> "PromotionConfig":
+        return from_mapping(cls, dict(data or {}))
+
+
+def best_until(curve: Sequence[Mapping[str, Any]], step: int) -> float:
+    """The best held-out score of a learning curve (``[{step, score}, ...]``) at or before ``step``; NaN if none.
+
+    What a run stopped at ``step`` would report as its score: the loop's schedule depends on the curve so
+    far, never on the planned total, so a run capped at ``step`` is a prefix of a longer one.
+    """
+    values = [float(point["score"]) for point in curve if int(point["step"]) <= step]
+    values = [value for value in values if math.isfinite(value)]
+    return max(values) if values else math.nan

@@ -44,7 +44,7 @@ import pandas as pd
 
 from cellsearch.errors import UserError
 from cellsearch.outputs import output_directory
-from cellsearch.scoring import cell_score, task_ratio
+from cellsearch.scoring import PARTIAL_STATUSES, cell_score, task_ratio
 
 __all__ = ["write_report", "best_vs_evaluations", "filter_statistics", "lineage_table", "ReportFiles", "Progress"]
 
@@ -81,7 +81,7 @@ def best_vs_evaluations(run, cells: pd.DataFrame) -> pd.DataFrame:
     running_best = math.nan
     rows = []
     for number, row in enumerate(evaluations.itertuples(index=False), start=1):
-        if row.task in tasks and row.cell != reference and row.status != "pruned":
+        if row.task in tasks and row.cell != reference and row.status not in PARTIAL_STATUSES:
             key = (row.cell, row.task)
             score = float(row.score) if row.score is not None and not pd.isna(row.score) else 0.0
             best[key] = max(best.get(key, -math.inf), score)
@@ -106,6 +106,9 @@ def filter_statistics(cells: pd.DataFrame, tasks: Sequence[str], memorize_task: 
     ]
     if memorize_task:
         rows.append((f"failed memorisation ({memorize_task})", int((rejected_by == memorize_task).sum())))
+    if "promoted" in candidates and candidates["promoted"].notna().any():
+        rows.append(("measured at the promotion rung", int(candidates["promoted"].notna().sum())))
+        rows.append(("not promoted to the full budget", int((rejected_by == "promotion").sum())))
     for task in tasks:
         rows.append((f"stopped at {task}", int((rejected_by == task).sum())))
     rows.append(("still being evaluated", int((candidates["status"] == "evaluating").sum())))

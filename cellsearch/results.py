@@ -21,11 +21,14 @@ import sqlalchemy as sa
 
 from cellsearch.config import from_mapping
 from cellsearch.errors import UserError
-from cellsearch.scoring import cell_score, task_ratio
+from cellsearch.scoring import PARTIAL_STATUSES, cell_score, task_ratio
 from cellsearch.search.confirmation import confirm, pairs_by_task
-from cellsearch.search.storage import CELLS, EVALUATIONS, PARAMETER_WIDTH, POPULATION, RUN, STEPS, UNITS
+from cellsearch.search.storage import CELLS, EVALUATIONS, PARAMETER_WIDTH, POPULATION, PROMOTIONS, RUN, STEPS, UNITS
 
-__all__ = ["SearchRun", "load_run", "PARAMETER_WIDTH", "CONFIRMATION_COLUMNS"]
+__all__ = ["SearchRun", "load_run", "PARAMETER_WIDTH", "CONFIRMATION_COLUMNS", "PROMOTION_COLUMNS"]
+
+#: How far a cell got through the budgets and why it stopped (:meth:`SearchRun.cells`).
+PROMOTION_COLUMNS = ["reached", "promotion_score", "promoted", "stop_reason"]
 
 #: The columns :meth:`SearchRun.confirmations` adds to :meth:`SearchRun.cells`.
 CONFIRMATION_COLUMNS = ["confirmed", "confirm_ratio", "confirm_low", "confirm_high", "confirm_task", "confirm_pairs",
@@ -79,10 +82,11 @@ class SearchRun:
             return pd.read_sql(query, connection)
 
     def best_scores(self) -> pd.DataFrame:
-        """Best score per cell (rows) and task (columns), over every committed evaluation except pruned settings
-        (their scores are partial: see :meth:`cellsearch.search.storage.RunStorage.best_scores`)."""
+        """Best score per cell (rows) and task (columns), over every committed evaluation except partial ones
+        (settings pruned by successive halving or trained only to the promotion rung: see
+        :meth:`cellsearch.search.storage.RunStorage.best_scores`)."""
         evaluations = self._read(sa.select(EVALUATIONS.c.cell_hash, EVALUATIONS.c.task, EVALUATIONS.c.score)
-                                 .where(EVALUATIONS.c.status != "pruned"))
+                                 .where(EVALUATIONS.c.status.notin_(PARTIAL_STATUSES)))
         table = evaluations.pivot_table(index="cell_hash", columns="task", values="score", aggfunc="max")
         return table.reindex(columns=list(self.config.all_tasks))
 
@@ -103,6 +107,11 @@ class SearchRun:
         task that stopped it), ``best_<task>`` and ``ratio_<task>`` per task, ``score`` (min ratio; NaN
         unless evaluated on every task), ``evaluations``. Sorted by score, best first. ``attrs`` holds
         the reference cell's current best per task.
+
+        How far each candidate got and why it stopped: ``reached`` (``filter``: stopped by the memorisation
+        filter; ``rung``: trained only to the promotion rung; ``full``: trained at the full budget on at least
+        one task; empty for a duplicate or a cell not yet trained), ``promotion_score`` and ``promoted`` (the
+        rung score and the decision, with ``promotion`` on) and ``stop_reason`` (one sentence).
         """
         c = CELLS.c
         cells = self._read(sa.select(c.hash, c.name, c.parent_hash.label("parent"), c.step_created,
@@ -125,15 +134,77 @@ class SearchRun:
         table["score"] = table["score"].astype(float)
         table["evaluations"] = table["evaluations"].fillna(0).astype(int)
         table = table.merge(self.confirmations(), left_on="hash", right_index=True, how="left")
+        table = table.merge(self._progress_through_budgets(table), left_on="hash", right_index=True, how="left")
         order = ["hash", "short_hash", "name", "parent", "step_created", "nodes", "params_per_width", "status",
                  "rejected_by", "duplicate_of", *[f"best_{t}" for t in self.config.all_tasks],
-                 *[f"ratio_{t}" for t in tasks], "score", "evaluations", *CONFIRMATION_COLUMNS, "mutation_json"]
+                 *[f"ratio_{t}" for t in tasks], "score", "evaluations", *PROMOTION_COLUMNS, *CONFIRMATION_COLUMNS,
+                 "mutation_json"]
         table = table[order].sort_values(["score", "step_created"], ascending=[False, True], na_position="last")
         table = table.reset_index(drop=True)
         table.attrs["reference_cell"] = self.config.reference_cell
         table.attrs["reference_best"] = reference.to_dict()
         table.attrs["note"] = ("ratios are relative to the current best of the reference cell "
                                f"({self.config.reference_cell})")
+        return table
+
+    def promotions(self) -> pd.DataFrame:
+        """One row per promotion decision (``promotion`` config), indexed by cell hash: ``step``, ``promotion_score``
+        (the rung score: min over tasks of the ratio to the reference at the rung, as it stood then) and
+        ``promoted``. Empty for a search without promotion (or a database from before it existed)."""
+        columns = ["hash", "step", "promotion_score", "promoted"]
+        if not sa.inspect(self.engine).has_table(PROMOTIONS.name):
+            return pd.DataFrame(columns=columns).set_index("hash")
+        p = PROMOTIONS.c
+        table = self._read(sa.select(p.cell_hash.label("hash"), p.step, p.score.label("promotion_score"),
+                                     p.promoted).order_by(p.step))
+        table["promoted"] = table["promoted"].astype("boolean")
+        return table.drop_duplicates("hash", keep="last").set_index("hash")
+
+    def _progress_through_budgets(self, cells: pd.DataFrame) -> pd.DataFrame:
+        """``reached``, ``promotion_score``, ``promoted`` and ``stop_reason`` per cell (see :meth:`cells`)."""
+        e = EVALUATIONS.c
+        trained = self._read(sa.select(e.cell_hash, e.task, e.status).distinct())
+        full = set(trained.loc[~trained["status"].isin(PARTIAL_STATUSES) & trained["task"].isin(self.tasks),
+                               "cell_hash"])
+        at_rung = set(trained.loc[trained["status"] == "rung", "cell_hash"])
+        filtered = set(trained.loc[trained["task"] == self.config.memorize_task, "cell_hash"]) \
+            if self.config.memorize_task else set()
+        promotions = self.promotions()
+        config = self.config
+        rows = []
+        for row in cells.itertuples(index=False):
+            cell = row.hash
+            score = promotions.at[cell, "promotion_score"] if cell in promotions.index else float("nan")
+            promoted = promotions.at[cell, "promoted"] if cell in promotions.index else pd.NA
+            # a rung setting that diverged keeps its status (diverged), so the decision says where a cell stopped
+            stopped_at_rung = cell in promotions.index and not bool(promoted)
+            reached = ("rung" if stopped_at_rung or (cell in at_rung and cell not in full) else "full" if cell in full
+                       else "filter" if cell in filtered else "")
+            rejected_by = row.rejected_by if isinstance(row.rejected_by, str) else None
+            if row.status == "evaluating":
+                reason = "being evaluated"
+            elif rejected_by is None:
+                reason = "seed cell, trained on every task" if not isinstance(row.parent, str) \
+                    else "passed every task"
+            elif rejected_by == "duplicate":
+                reason = f"duplicate of {str(row.duplicate_of)[:12]}, not trained"
+            elif rejected_by == config.memorize_task:
+                best = getattr(row, f"best_{rejected_by}", float("nan"))
+                reason = (f"{rejected_by} best {best:.3f} below the memorisation threshold "
+                          f"{config.memorize_threshold:g}")
+            elif rejected_by == "promotion":
+                reason = (f"rung score {score:.3f} not in the top 1/{config.promotion.eta} of the candidates "
+                          f"measured at the rung then")
+            elif rejected_by in self.tasks:
+                reason = (f"{rejected_by} best below {config.early_stop_fraction:g} x the reference's best then "
+                          f"(ratio now {getattr(row, f'ratio_{rejected_by}'):.3f})")
+            else:
+                reason = f"stopped by {rejected_by}"
+            rows.append({"hash": cell, "reached": reached, "promotion_score": score, "promoted": promoted,
+                         "stop_reason": reason})
+        table = pd.DataFrame(rows, columns=["hash", *PROMOTION_COLUMNS]).set_index("hash")
+        table["promoted"] = table["promoted"].astype("boolean")
+        table["promotion_score"] = table["promotion_score"].astype(float)
         return table
 
     def confirmations(self) -> pd.DataFrame:

@@ -25,7 +25,12 @@ from __future__ import annotations
 import math
 from typing import Iterable, Mapping
 
-__all__ = ["task_ratio", "cell_score", "score_of", "ratios_of"]
+__all__ = ["task_ratio", "cell_score", "score_of", "ratios_of", "PARTIAL_STATUSES"]
+
+#: Evaluation statuses whose score is a partial one, never a cell's best: ``pruned`` (a setting successive
+#: halving stopped at a rung) and ``rung`` (a setting trained only to the promotion rung,
+#: :class:`cellsearch.fidelity.PromotionConfig`).
+PARTIAL_STATUSES = ("pruned", "rung")
 
 
 def _number(value: object) -> float:

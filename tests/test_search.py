@@ -129,6 +129,19 @@ def test_stages_follow_the_paper():
     assert [s.tasks for s in stages_for("mutate", tiny_config(memorize_task=None))] == [("arithmetic",), ("xml",)]
 
 
+def test_promotion_adds_a_rung_stage_after_the_filter():
+    config = tiny_config(promotion={"enabled": True})
+    mutate = stages_for("mutate", config)
+    assert [(s.tasks, s.settings, s.gate, s.rung) for s in mutate] == [
+        (("memorize",), 1, "memorize", False), (("arithmetic", "xml"), 2, "promote", True),
+        (("arithmetic",), 2, "ratio", False), (("xml",), 2, "ratio", False)]
+    assert not any(s.rung for s in stages_for("reevaluate", config))
+    for bad, key in [({"eta": 1}, "promotion.eta"), ({"fraction": 1.0}, "promotion.fraction"),
+                     ({"fraction": 0}, "promotion.fraction"), ({"rungs": 2}, "promotion.rungs")]:
+        with pytest.raises(ConfigError, match=key):
+            tiny_config(promotion=bad)
+
+
 def test_score_is_min_ratio_to_the_reference():
     best = {("g", "a"): 0.5, ("g", "b"): 0.2, ("c", "a"): 0.6, ("c", "b"): 0.1}
     assert score_of(best, "c", "g", ("a", "b")) == pytest.approx(0.5)
@@ -332,6 +345,94 @@ def test_candidates_above_the_reference_are_confirmed_on_paired_fresh_seeds(tmp_
     run_serial(config, tmp_path / "interrupted", stop_after_units=9)
     run_serial(config, tmp_path / "interrupted")
     pd.testing.assert_frame_equal(trained(tmp_path / "confirm"), trained(tmp_path / "interrupted"))
+
+
+PROMOTION = {"promotion": {"enabled": True, "eta": 2, "fraction": 0.5}, "max_steps": 10}
+
+
+def asha_decisions(values: list[float], eta: int) -> list[bool]:
+    """ASHA's rule written out (Li et al. 2020, as Optuna's SuccessiveHalvingPruner applies it): a value is promoted
+    when it is at least the k-th largest of the values measured so far, itself included, k = max(1, n // eta)."""
+    decisions = []
+    for n in range(1, len(values) + 1):
+        ranked = sorted(values[:n], reverse=True)
+        decisions.append(values[n - 1] >= ranked[max(1, n // eta) - 1])
+    return decisions
+
+
+@pytest.mark.slow
+def test_promotion_across_candidates(tmp_path):
+    """Smoke budget (2 epochs of 5 steps) with the rung at half of it: every candidate past the filter trains its
+    settings on every task to 5 steps (status rung, PRUNED trials with their curve, never a cell's best); the
+    promotion study's decisions follow ASHA's rule over the rung scores in the order they were measured; a promoted
+    candidate trains the same settings on the same seeds at the full budget, and its rung runs are exact prefixes of
+    those; the cells table says where each candidate stopped and why; an interrupted search resumes to the same
+    search."""
+    import optuna
+    from optuna.trial import TrialState
+
+    from cellsearch.search.driver import PROMOTION_STUDY
+    from searchchecks import assert_search_consistent
+
+    config = tiny_config(**PROMOTION)
+    run_serial(config, tmp_path / "promotion")
+    assert_search_consistent(tmp_path / "promotion", tmp_path / "promotion", max_steps=10)
+    results = load_run(tmp_path / "promotion")
+    try:
+        evaluations, cells, steps = results.evaluations(), results.cells().set_index("hash"), results.steps()
+        curves = results._read(sa.select(EVALUATIONS.c.cell_hash, EVALUATIONS.c.task, EVALUATIONS.c.trial_number,
+                                         EVALUATIONS.c.curve_json))
+    finally:
+        results.close()
+    curves = {(row.cell_hash, row.task, row.trial_number): json.loads(row.curve_json or "[]")
+              for row in curves.itertuples()}
+    rung = evaluations[evaluations["status"] == "rung"]
+    assert len(rung) >= 8 and (rung["train_steps"] == 5).all()
+    assert not evaluations["status"].isin(["pruned"]).any()
+    # Optuna: the promotion study holds the initial cells and then one trial per candidate, in the order measured
+    url = f"sqlite:///{tmp_path / 'promotion' / 'run.db'}"
+    study = optuna.load_study(study_name=PROMOTION_STUDY, storage=url)
+    trials = sorted(study.get_trials(deepcopy=False), key=lambda t: t.number)
+    assert [t.user_attrs["step"] for t in trials[:2]] == [0, 1]
+    candidates = trials[2:]
+    measured = [cells.at[t.user_attrs["cell_hash"], "promotion_score"] for t in candidates]
+    values = [trial.intermediate_values[1] for trial in trials]
+    assert values[2:] == pytest.approx([v if v == v else 0.0 for v in measured])
+    expected = asha_decisions(values, eta=2)[2:]
+    assert [t.state == TrialState.COMPLETE for t in candidates] == expected
+    assert 0 < sum(expected) < len(expected), "this seed was chosen for both outcomes"
+    for trial in candidates:
+        cell = trial.user_attrs["cell_hash"]
+        row = cells.loc[cell]
+        assert bool(row["promoted"]) == (trial.state == TrialState.COMPLETE)
+        outcome = steps.loc[steps["step"] == trial.user_attrs["step"], "outcome"].item()
+        mine = evaluations[(evaluations["cell"] == cell) & evaluations["task"].isin(config.tasks)]
+        at_rung = mine[mine["trial_number"] < 2]  # the rung stage asked each task's first two trials
+        full = mine[mine["trial_number"] >= 2]
+        if trial.state == TrialState.PRUNED:
+            assert outcome == "rejected:promotion" and row["rejected_by"] == "promotion" and row["reached"] == "rung"
+            assert "not in the top 1/2" in row["stop_reason"] and full.empty
+            continue
+        assert outcome != "rejected:promotion" and row["reached"] == "full"
+        for task, rung_rows in at_rung.groupby("task"):
+            full_rows = full[full["task"] == task].sort_values("trial_number")
+            if full_rows.empty:  # an earlier task's early stop ended the candidate
+                continue
+            assert list(full_rows["seed"]) == list(rung_rows.sort_values("trial_number")["seed"])
+            for short, long in zip(rung_rows.sort_values("trial_number").itertuples(), full_rows.itertuples()):
+                assert short.learning_rate == long.learning_rate
+                prefix = curves[(cell, task, long.trial_number)][:len(curves[(cell, task, short.trial_number)])]
+                assert [p["score"] for p in prefix] == [p["score"] for p in curves[(cell, task, short.trial_number)]]
+    # the best per cell and task ignores rung evaluations
+    kept = evaluations[~evaluations["status"].isin(["rung", "pruned"])]
+    best = kept.groupby(["cell", "task"])["score"].max()
+    for cell, row in cells.iterrows():
+        assert row["best_arithmetic"] == pytest.approx(best.get((cell, "arithmetic"), float("nan")), nan_ok=True)
+    # interrupted twice (mid-rung and later), resumed: the same search
+    run_serial(config, tmp_path / "interrupted", stop_after_units=12)
+    run_serial(config, tmp_path / "interrupted", stop_after_units=30)
+    run_serial(config, tmp_path / "interrupted")
+    pd.testing.assert_frame_equal(trained(tmp_path / "promotion"), trained(tmp_path / "interrupted"))
 
 
 def test_halving_needs_several_settings_per_unit():

@@ -26,7 +26,7 @@ from typing import Any, Literal, Mapping
 from cellsearch.batching import BatchingConfig
 from cellsearch.config import ConfigError, from_mapping, load_yaml, option, to_mapping
 from cellsearch.devices import is_device_name
-from cellsearch.fidelity import HalvingConfig
+from cellsearch.fidelity import HalvingConfig, PromotionConfig
 from cellsearch.errors import UserError, shown
 
 __all__ = ["ResourcesConfig", "SearchConfig", "load_search_config", "resolve_ptb_dir", "PTB_ENV"]
@@ -150,6 +150,11 @@ class SearchConfig:
         "at each (pruned settings end as PRUNED trials); needs settings_per_unit >= 2 and ranks within a unit, so "
         "set settings_per_unit = settings_per_task; off: every setting trains to the full budget",
         factory=HalvingConfig)
+    promotion: PromotionConfig = option(
+        None, "promotion across candidates (ASHA): a candidate that passed the filter first trains its settings on "
+        "every task to a cheap rung, and only the top 1/eta of the candidates measured there go on to the full budget "
+        "(the stopped ones end rejected_by 'promotion'); the early stop (early_stop_fraction) still applies at the "
+        "full budget", factory=PromotionConfig)
     storage: str | None = option(
         None, "SQLAlchemy URL of the run database (null: SQLite in the run directory); a password in it is accepted "
         "with a warning, used for this session and never written anywhere (resume and load_run take it from "

@@ -14,7 +14,15 @@ A *step* (one row of ``cs_steps``) is one of
     as soon as its best on a task is below ``early_stop_fraction`` x the
     reference cell's best; a child that passes every task enters the
     population when its score beats the worst member (``aging``: always, the
-    oldest member leaves).
+    oldest member leaves). With ``promotion`` on, a *rung* stage comes between
+    the filter and the tasks: K settings on every task, trained only to the
+    promotion rung; the child goes on to the tasks (the same settings and
+    seeds, from the start, at the full budget) only when Optuna's
+    ``SuccessiveHalvingPruner`` on the study ``promotion`` (one trial per
+    candidate, plus one per initial cell) promotes its rung score, which is
+    the score above computed at the rung (the reference's rung values are
+    read off its full runs' learning curves); otherwise it ends
+    ``rejected_by = "promotion"``.
 
 A step advances through *stages*; a stage trains some tasks with some
 settings, split into units of at most ``settings_per_unit`` settings. Many
@@ -63,7 +71,8 @@ import numpy as np
 from cellsearch import zoo
 from cellsearch.search import seeds
 from cellsearch.search.config import SearchConfig
-from cellsearch.scoring import score_of
+from cellsearch.fidelity import best_until
+from cellsearch.scoring import PARTIAL_STATUSES, score_of
 from cellsearch.search.confirmation import Confirmation, confirm, pairs_by_task
 from cellsearch.search.executors import Completion
 from cellsearch.search.population import PopulationPolicy
@@ -84,7 +93,9 @@ class Stage:
 
     tasks: tuple[str, ...]
     settings: int
-    gate: str  # none | memorize | ratio
+    gate: str  # none | memorize | ratio | promote
+    #: Trained only to the promotion rung (``promotion`` config); its evaluations have status ``rung``.
+    rung: bool = False
 
 
 def stages_for(kind: str, config: SearchConfig) -> list[Stage]:
@@ -94,7 +105,8 @@ def stages_for(kind: str, config: SearchConfig) -> list[Stage]:
     if kind == "confirm":
         return [Stage(config.tasks, config.confirm_seeds, "none")]
     memorize = [Stage((config.memorize_task,), config.memorize_settings, "memorize")] if config.memorize_task else []
-    return memorize + [Stage((task,), config.settings_per_task, "ratio") for task in config.tasks]
+    rung = [Stage(config.tasks, config.settings_per_task, "promote", rung=True)] if config.promotion.enabled else []
+    return memorize + rung + [Stage((task,), config.settings_per_task, "ratio") for task in config.tasks]
 
 
 def study_name(cell_hash: str, task: str) -> str:
@@ -122,6 +134,9 @@ class Progress:
     #: step), and candidates whose confirm step confirmed them.
     beat_reference: int = 0
     confirmed: int = 0
+    #: With ``promotion``: candidates measured at the rung, and those promoted to the full budget.
+    rung_measured: int = 0
+    promoted: int = 0
 
 
 @dataclass
@@ -167,6 +182,7 @@ class SearchDriver:
         self._unit_step: dict[int, int] = {}
         self._unit_specs: dict[int, UnitSpec] = {}
         self._unit_submissions: dict[int, int] = {}
+        self._rung_steps: dict[str, int] = {}
         self.progress = Progress()
 
     # -- public -------------------------------------------------------------------------------------------------
@@ -268,6 +284,14 @@ class SearchDriver:
         for unit_id, step in pending:
             active = self._active[step]
             self._enqueue(active, unit_id, active.units[unit_id])
+        self._promotions = dict(self.storage.promotions()) if self.config.promotion.enabled else {}
+        self._rung_best: dict[tuple[str, str], float] = {}
+        if self.config.promotion.enabled:
+            for row in self.storage.learning_curves():
+                self._note_rung_value(row["cell_hash"], row["task"], row)
+            measured = [d for d in self._promotions.values() if d["step"] not in self._initial_steps()]
+            self.progress.rung_measured = len(measured)
+            self.progress.promoted = sum(bool(d["promoted"]) for d in measured)
         self._confirming = {row["cell_hash"] for row in self.storage.steps_of_kind("confirm")}
         confirmations = [row for row in self.storage.steps_of_kind("confirm") if row["status"] == "done"]
         self.progress.confirmed = sum(row["outcome"] == "confirmed" for row in confirmations)
@@ -458,6 +482,9 @@ class SearchDriver:
         if active.kind == "confirm":
             self._plan_confirmation(active, stage)
             return
+        if active.kind == "mutate" and stage.gate == "ratio" and self.config.promotion.enabled:
+            self._plan_promoted(active, stage)
+            return
 
         rows = []
         for task_name in stage.tasks:
@@ -469,7 +496,7 @@ class SearchDriver:
             def sample(task_name=task_name, sampler_seed=sampler_seed, space=space):
                 study = self._study(active.cell_hash, task_name,
                                     sampler=make_sampler(self.config.sampler, sampler_seed))
-                if active.kind == "mutate" and stage.gate == "ratio" and self.config.seed_from_parent:
+                if active.kind == "mutate" and stage.gate in ("ratio", "promote") and self.config.seed_from_parent:
                     self._enqueue_parent_settings(study, active.parent_hash, task_name)
                 return sample_settings(study, space, stage.settings)
 
@@ -546,6 +573,44 @@ class SearchDriver:
                     slot += 1
         self._record_units(active, rows)
 
+    def _plan_promoted(self, active: _ActiveStep, stage: Stage) -> None:
+        """A promoted candidate's full-budget stage: the settings its rung stage trained, on the same seeds, as new
+        trials (enqueued with the rung trial's parameters, user attribute ``promoted_from``), trained from the
+        start: the rung run was a prefix of each. Settings that failed at the rung are not trained again."""
+        rows = []
+        for task_name in stage.tasks:
+            # a setting that failed at the rung (diverged, out of memory, an error) would fail the same way again:
+            # its result (score 0) stands
+            failed = {row["trial_number"] for unit_id, unit in active.units.items()
+                      if unit["task"] == task_name and self._is_rung(active, unit)
+                      for row in self.storage.evaluations_of_unit(unit_id) if row["status"] in _FAILED}
+            rung_settings = [setting for unit_id, unit in sorted(active.units.items())
+                             if unit["task"] == task_name and self._is_rung(active, unit)
+                             for setting in unit["settings"] if setting["trial_number"] not in failed]
+            space = self._task(task_name).space_for(self.config.budget_profile)
+
+            def ask(task_name=task_name, space=space, rung_settings=rung_settings):
+                study = self._study(active.cell_hash, task_name)
+                asked = []
+                for setting in rung_settings:
+                    study.enqueue_trial({name: setting["hparams"][name] for name in space.names()})
+                    trial = study.ask(space.distributions())
+                    trial.set_user_attr("promoted_from", setting["trial_number"])
+                    asked.append(trial)
+                return asked
+
+            trials = self.storage.retry(
+                ask, f"ask the promoted trials of {_short(study_name(active.cell_hash, task_name))}",
+                before_retry=lambda t=task_name: self._close_unrecorded_trials(active.cell_hash, (t,)))
+            settings = [SettingSpec(trial.number, space.from_params(trial.params).to_dict(), setting["seed"])
+                        for trial, setting in zip(trials, rung_settings)]
+            group = self.config.settings_per_unit
+            for slot, chunk in enumerate([settings[i:i + group] for i in range(0, len(settings), group)] or [[]]):
+                rows.append({"step": active.step, "stage": active.stage, "cell_hash": active.cell_hash,
+                             "task": task_name, "slot": slot,
+                             "settings_json": json.dumps([s.to_dict() for s in chunk])})
+        self._record_units(active, rows)
+
     def _start_confirmation(self, cell_hash: str, advance: bool = True) -> None:
         """Start the confirm step of a candidate that scored above 1 (see :mod:`cellsearch.search.confirmation`)."""
         step = self.storage.counter("next_step")
@@ -579,14 +644,17 @@ class SearchDriver:
 
     def _enqueue(self, active: _ActiveStep, unit_id: int, unit: Mapping[str, Any]) -> None:
         resources = self.config.resources
+        rung = self._is_rung(active, unit)
         self._unit_specs[unit_id] = UnitSpec(
             unit_id=unit_id, cell=json.loads(self._specs[unit["cell_hash"]]), task=unit["task"],
             budget_profile=self.config.budget_profile,
             settings=tuple(SettingSpec.from_dict(s) for s in unit["settings"]), device=self.config.device,
             num_threads=max(1, int(resources.num_cpus)), batching=self.config.batching.to_dict(),
-            # a confirm step's settings are one setting on several seeds: nothing to rank
+            # a rung unit trains to the promotion rung only: the profile's budget capped there
+            budget=self._rung_budget(unit["task"]).to_dict() if rung else None,
+            # a confirm step's settings are one setting on several seeds: nothing to rank; a rung unit is too short
             halving=self.config.fidelity.to_dict() if self.config.fidelity.enabled and active.kind != "confirm"
-            else None)
+            and not rung else None)
         self._unit_step[unit_id] = active.step
         self._ready.append(unit_id)
 
@@ -613,17 +681,20 @@ class SearchDriver:
             self._log(f"unit {unit_id} ({unit['cell_hash'][:12]} on {unit['task']}) failed; its settings score 0:\n"
                       f"{completion.error}")
         rows = []
+        rung = self._is_rung(active, unit)
         for index, setting in enumerate(unit["settings"]):
             result = completion.results[index] if completion.results is not None else None
-            rows.append(self._evaluation_row(setting, result, completion))
+            rows.append(self._evaluation_row(setting, result, completion, rung=rung))
         self.storage.commit_unit(unit_id, active.step, unit["cell_hash"], unit["task"], rows)
         unit["status"] = "done"
         study = self._study(unit["cell_hash"], unit["task"])
         for row in rows:
             self._tell(study, row)
-            if row["status"] != "pruned":  # a pruned setting's score is a partial one: not the cell's best
+            if row["status"] not in PARTIAL_STATUSES:  # a partial score (pruned, rung) is not the cell's best
                 key = (unit["cell_hash"], unit["task"])
                 self._best[key] = max(self._best.get(key, -math.inf), row["score"])
+            if self.config.promotion.enabled:
+                self._note_rung_value(unit["cell_hash"], unit["task"], row)
         self.storage.mark_told(unit_id)
         self._unit_specs.pop(unit_id, None)
         self.progress.units_done += 1
@@ -633,7 +704,7 @@ class SearchDriver:
             self._advance(active)
 
     def _evaluation_row(self, setting: Mapping[str, Any], result: Mapping[str, Any] | None,
-                        completion: Completion) -> dict[str, Any]:
+                        completion: Completion, rung: bool = False) -> dict[str, Any]:
         worker = completion.worker or {}
         row = {"trial_number": setting["trial_number"], "params_json": json.dumps(setting["hparams"]),
                "seed": setting["seed"], "node_id": worker.get("node_id"), "worker_pid": worker.get("worker_pid"),
@@ -642,14 +713,18 @@ class SearchDriver:
             return {**row, "score": 0.0, "status": "error", "duration_s": None, "train_steps": None, "epochs": None,
                     "metrics_json": json.dumps({"error": (completion.error or "")[-2000:]}), "curve_json": None}
         score = float(result.get("score", 0.0))
-        return {**row, "score": score if math.isfinite(score) else 0.0, "status": str(result.get("status", "ok")),
+        status = str(result.get("status", "ok"))
+        if rung and status not in _FAILED:
+            status = "rung"  # trained to the promotion rung only: a partial score, like a pruned setting's
+        return {**row, "score": score if math.isfinite(score) else 0.0, "status": status,
                 "duration_s": result.get("duration_s"), "train_steps": result.get("steps"),
                 "epochs": result.get("epochs"), "metrics_json": json.dumps(result.get("metrics", {}), default=float),
                 "curve_json": json.dumps(result.get("curve"), default=float)}
 
     def _tell(self, study, evaluation: Mapping[str, Any]) -> None:
         """Tell Optuna one trained setting (an evaluation row), as optuna-dashboard users expect: COMPLETE with its
-        score (ok, timeout), FAIL (diverged, oom, error), PRUNED (successive halving); user attributes ``status``
+        score (ok, timeout), FAIL (diverged, oom, error), PRUNED (successive halving, or trained to the promotion
+        rung only, with its learning curve); user attributes ``status``
         and, for a perplexity task, ``perplexity``; with successive halving on, the learning curve as intermediate
         values. One retried operation; a trial already finished (told before a crash, or by an attempt whose
         acknowledgement was lost) is left alone."""
@@ -658,7 +733,8 @@ class SearchDriver:
         trial_number, status, score = evaluation["trial_number"], evaluation["status"], float(evaluation["score"])
         name = study.study_name
         storage = self.optuna_storage
-        curve = json.loads(evaluation.get("curve_json") or "[]") if self.config.fidelity.enabled else []
+        curve = json.loads(evaluation.get("curve_json") or "[]") \
+            if self.config.fidelity.enabled or status == "rung" else []
         perplexity = self._task(name.rpartition("/")[2]).metric == "inverse_perplexity"
 
         def tell() -> None:
@@ -675,7 +751,7 @@ class SearchDriver:
                 storage.set_trial_user_attr(trial_id, "perplexity", 1.0 / score)
             if status in _FAILED:
                 study.tell(trial_number, state=TrialState.FAIL, skip_if_finished=True)
-            elif status == "pruned":
+            elif status in PARTIAL_STATUSES:
                 study.tell(trial_number, state=TrialState.PRUNED, skip_if_finished=True)
             else:
                 study.tell(trial_number, score, skip_if_finished=True)
@@ -690,6 +766,8 @@ class SearchDriver:
             task = stage.tasks[0]
             if self._best.get((active.cell_hash, task), 0.0) < self.config.memorize_threshold:
                 return task
+        elif stage.gate == "promote":
+            return None if self._promotion(active)["promoted"] else "promotion"
         elif stage.gate == "ratio":
             task = stage.tasks[0]
             reference = self._best.get((self.reference_hash, task), 0.0)
@@ -749,6 +827,108 @@ class SearchDriver:
             changes.append((admission.leaving, "leave", self._score(admission.leaving)))
         return "entered", updates, changes
 
+    # -- promotion across candidates -----------------------------------------------------------------------------
+
+    def _is_rung(self, active: _ActiveStep, unit: Mapping[str, Any]) -> bool:
+        return stages_for(active.kind, self.config)[unit["stage"]].rung
+
+    def _rung_step(self, task: str) -> int:
+        """The promotion rung of ``task``: ``promotion.fraction`` of the profile budget's planned steps, rounded up
+        to whole epochs (:func:`cellsearch.fidelity.rung_steps`'s first rung)."""
+        if task not in self._rung_steps:
+            from cellsearch.fidelity import HalvingConfig
+            from cellsearch.training.halving import unit_rungs
+
+            budget = self._task(task).budget(self.config.budget_profile)
+            config = HalvingConfig(enabled=True, eta=2, min_fraction=self.config.promotion.fraction)
+            self._rung_steps[task] = unit_rungs(self._task(task), budget, config)[0]
+        return self._rung_steps[task]
+
+    def _rung_budget(self, task: str):
+        return self._task(task).budget(self.config.budget_profile).replace(max_steps=self._rung_step(task))
+
+    def _note_rung_value(self, cell_hash: str, task: str, row: Mapping[str, Any]) -> None:
+        """Fold one evaluation into the cell's best at the rung: a rung evaluation's score, or a longer run's best
+        at the rung read off its learning curve (a failed one counts 0, as for the best)."""
+        if task not in self.config.tasks:
+            return
+        if row["status"] == "rung" or row["status"] in _FAILED:
+            value = float(row["score"])
+        else:
+            value = best_until(json.loads(row.get("curve_json") or "[]"), self._rung_step(task))
+        if math.isfinite(value):
+            key = (cell_hash, task)
+            self._rung_best[key] = max(self._rung_best.get(key, -math.inf), value)
+
+    def _rung_score(self, cell_hash: str) -> float:
+        """The cell's score at the rung: its worst ratio to the reference's best at the rung."""
+        return score_of(self._rung_best, cell_hash, self.reference_hash, self.config.tasks)
+
+    def _initial_steps(self) -> set[int]:
+        return set(range(len(self.config.initial_cells)))
+
+    def _promotion(self, active: _ActiveStep) -> Mapping[str, Any]:
+        """The step's promotion decision: recorded, or asked of the ``promotion`` study now and recorded."""
+        decision = self._promotions.get(active.step)
+        if decision is None:
+            # the initial cells compete too, with their full runs read at the rung (once, when the first candidate
+            # reaches the rung: every seed step is done by then)
+            for step, name in enumerate(self.config.initial_cells):
+                if step not in self._promotions:
+                    self._decide_promotion(step, zoo.get(name).hash, initial=True)
+            decision = self._decide_promotion(active.step, active.cell_hash)
+            self.progress.rung_measured += 1
+            self.progress.promoted += bool(decision["promoted"])
+            self._log(f"step {active.step}: {active.cell_hash[:12]} scored {decision['score']:.4f} at the rung: "
+                      f"{'promoted' if decision['promoted'] else 'not promoted'} (top 1/{self.config.promotion.eta} "
+                      f"of the candidates measured there go on)")
+        return decision
+
+    def _decide_promotion(self, step: int, cell_hash: str, initial: bool = False) -> Mapping[str, Any]:
+        """Ask the ``promotion`` study's SuccessiveHalvingPruner about the cell's rung score; record the answer.
+
+        One trial per step, the rung score reported at step 1 (the pruner's rung 0). An initial cell is always
+        "promoted" (it was trained at the full budget); it is there to compete. A trial finished by an attempt
+        whose record was lost gives its decision again; one left RUNNING by a crash is closed as FAIL and asked
+        anew (its rung value then counts twice among the competitors: a crash in a window of milliseconds).
+        """
+        import optuna
+        from optuna.trial import TrialState
+
+        score = self._rung_score(cell_hash)
+        value = score if math.isfinite(score) else 0.0  # no score at the rung ranks last
+        promotion = self.config.promotion
+
+        def ask() -> tuple[bool, int]:
+            study = self._optuna.create_study(
+                storage=self.optuna_storage, study_name=PROMOTION_STUDY, direction="maximize", load_if_exists=True,
+                pruner=optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=promotion.eta))
+            for trial in study.get_trials(deepcopy=False):
+                if trial.user_attrs.get("step") != step:
+                    continue
+                if trial.state in (TrialState.COMPLETE, TrialState.PRUNED):
+                    return trial.state == TrialState.COMPLETE, trial.number
+                study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
+            trial = study.ask()
+            trial.set_user_attr("step", step)
+            trial.set_user_attr("cell_hash", cell_hash)
+            trial.set_user_attr("cell", self._spec(cell_hash).name or cell_hash[:12])
+            trial.report(value, 1)
+            pruned = trial.should_prune()  # also for an initial cell: it records the cell's value at the rung
+            promoted = initial or not pruned
+            if promoted:
+                study.tell(trial, value)
+            else:
+                study.tell(trial, state=TrialState.PRUNED)
+            return promoted, trial.number
+
+        promoted, trial_number = self.storage.retry(ask, f"decide the promotion of step {step}")
+        self.storage.record_promotion(step, cell_hash, score, promoted, trial_number)
+        decision = {"step": step, "cell_hash": cell_hash, "score": score, "promoted": promoted,
+                    "trial_number": trial_number}
+        self._promotions[step] = decision
+        return decision
+
     # -- helpers ------------------------------------------------------------------------------------------------
 
     def _task(self, name: str):
@@ -801,6 +981,9 @@ class SearchDriver:
             self.progress.best_score = finite[self.progress.best_cell]
         self._on_progress(self.progress)
 
+
+#: The Optuna study of the promotion decisions (one trial per candidate measured at the rung).
+PROMOTION_STUDY = "promotion"
 
 #: Statuses told to Optuna as FAIL: the setting produced no usable score (its evaluation row scores 0).
 _FAILED = ("diverged", "oom", "error")

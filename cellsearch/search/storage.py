@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 import shutil
 import sys
@@ -49,6 +50,7 @@ from typing import Any, Callable, Iterable, Mapping, TypeVar
 import sqlalchemy as sa
 
 from cellsearch.errors import UserError
+from cellsearch.scoring import PARTIAL_STATUSES
 
 _T = TypeVar("_T")
 
@@ -59,7 +61,7 @@ __all__ = ["PARAMETER_WIDTH", "RunStorage", "metadata", "sqlite_url", "sqlite_pa
            "tune_sqlite", "engine_options", "redact_url", "connect_url", "remember_url", "has_password",
            "STORAGE_URL_ENV", "StorageError", "StorageFull", "StorageUnreachable", "is_transient", "is_storage_full",
            "retry", "DEFAULT_RETRY_S", "is_damaged", "one_line_errors",
-           "CELLS", "STEPS", "UNITS", "EVALUATIONS", "POPULATION", "STATE", "RUN"]
+           "CELLS", "STEPS", "UNITS", "EVALUATIONS", "POPULATION", "PROMOTIONS", "STATE", "RUN"]
 
 #: Environment variable holding a full storage URL (with its password) for connecting; it is used only when it
 #: names the same server and database as the stored URL.
@@ -165,6 +167,20 @@ EVALUATIONS = sa.Table(
     sa.UniqueConstraint("cell_hash", "task", "trial_number", name="uq_cs_evaluations_trial"),
 )
 sa.Index("ix_cs_evaluations_cell_task", EVALUATIONS.c.cell_hash, EVALUATIONS.c.task)
+
+#: Promotion decisions (``promotion`` config, ASHA across candidates): one row per candidate measured at the
+#: cheap rung (and per initial cell, which competes with its full runs' curves read at the rung). ``score``: the
+#: rung score (min over tasks of the ratio to the reference at the rung); ``trial_number``: its trial in the
+#: Optuna study ``promotion``. Recorded once; a resumed driver reads the decision instead of asking again.
+PROMOTIONS = sa.Table(
+    "cs_promotions", metadata,
+    sa.Column("step", sa.Integer, primary_key=True),
+    sa.Column("cell_hash", sa.String(64), nullable=False),
+    sa.Column("score", sa.Float),
+    sa.Column("promoted", sa.Boolean, nullable=False),
+    sa.Column("trial_number", sa.Integer),
+    sa.Column("at", sa.Float, nullable=False),
+)
 
 #: Population changes: action enter | leave, with the score that decided it.
 POPULATION = sa.Table(
@@ -651,12 +667,35 @@ class RunStorage:
         return self._read("read cells", lambda c: list(c.execute(query).mappings()))
 
     def best_scores(self) -> dict[tuple[str, str], float]:
-        """(cell hash, task) -> best score over every committed evaluation, except pruned settings (a score at a
-        rung of successive halving is a partial one)."""
+        """(cell hash, task) -> best score over every committed evaluation, except partial ones (settings pruned
+        at a rung of successive halving, or trained only to the promotion rung: ``PARTIAL_STATUSES``)."""
         query = sa.select(EVALUATIONS.c.cell_hash, EVALUATIONS.c.task, sa.func.max(EVALUATIONS.c.score)).where(
-            EVALUATIONS.c.status != "pruned").group_by(EVALUATIONS.c.cell_hash, EVALUATIONS.c.task)
+            EVALUATIONS.c.status.notin_(PARTIAL_STATUSES)).group_by(EVALUATIONS.c.cell_hash, EVALUATIONS.c.task)
         return self._read("read best scores", lambda c: {
             (cell, task): float(best) for cell, task, best in c.execute(query)})
+
+    def learning_curves(self) -> list[Mapping[str, Any]]:
+        """Every committed evaluation's cell, task, status, score and curve (the promotion rung values are read
+        off them when a driver starts)."""
+        e = EVALUATIONS.c
+        query = sa.select(e.cell_hash, e.task, e.status, e.score, e.curve_json).order_by(e.id)
+        return self._read("read learning curves", lambda c: list(c.execute(query).mappings()))
+
+    def promotions(self) -> dict[int, Mapping[str, Any]]:
+        """Step -> its promotion decision (see ``PROMOTIONS``)."""
+        return self._read("read promotions", lambda c: {
+            row["step"]: row for row in c.execute(sa.select(PROMOTIONS)).mappings()})
+
+    def record_promotion(self, step: int, cell_hash: str, score: float, promoted: bool,
+                         trial_number: int | None) -> None:
+        """Record a promotion decision; a step's first decision stands (a retried or repeated call changes nothing)."""
+        def body(connection: sa.Connection, retrying: bool) -> None:
+            if connection.execute(sa.select(PROMOTIONS.c.step).where(PROMOTIONS.c.step == step)).first() is None:
+                connection.execute(PROMOTIONS.insert().values(
+                    step=step, cell_hash=cell_hash, score=score if math.isfinite(score) else None,
+                    promoted=promoted, trial_number=trial_number, at=time.time()))
+
+        self._write(f"record the promotion decision of step {step}", body)
 
     def population_entries(self) -> dict[str, int]:
         """Cell hash -> step at which it last entered the population (for aging)."""
