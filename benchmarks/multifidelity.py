@@ -107,9 +107,9 @@ def run_statistics(run_dir: Path, workers: int, top: int) -> tuple[dict, "object
     seeds_done = steps.loc[steps["kind"] == "seed", "finished_at"].max()
     span_s = (units["finished_at"].max() - seeds_done).total_seconds()
     cpu_hours = span_s * workers / 3600
-    mutated = cells[cells["parent"].notna() & (cells["rejected_by"].fillna("") != "duplicate")
+    mutated = cells[cells["parent_hash"].notna() & (cells["rejected_by"].fillna("") != "duplicate")
                     & (cells["status"] != "evaluating")]
-    at_full = mutated[mutated[[f"best_{t}" for t in tasks]].notna().all(axis="columns")
+    at_full = mutated[mutated[[f"metric_{t}" for t in tasks]].notna().all(axis="columns")
                       & (mutated["reached"] == "full")]
     stats = {"cpu_hours": cpu_hours, "steps": int((steps["kind"] != "seed").sum()),
              "candidates": len(mutated), "at_full_budget": len(at_full),
@@ -117,7 +117,7 @@ def run_statistics(run_dir: Path, workers: int, top: int) -> tuple[dict, "object
              "candidates_per_cpu_hour": len(mutated) / cpu_hours,
              "full_budget_per_cpu_hour": len(at_full) / cpu_hours,
              "filter_rejections": int((mutated["rejected_by"] == "memorize").sum())}
-    return stats, best[["hash", "name", "score"]]
+    return stats, best[["cell_hash", "name", "score"]]
 
 
 def _train(job: dict) -> dict:
@@ -132,7 +132,7 @@ def _train(job: dict) -> dict:
     unit = UnitSpec(unit_id=0, cell=job["cell"], task=job["task"], budget_profile="small",
                     settings=(SettingSpec(0, job["hparams"], job["seed"]),))
     result = run_unit(unit, task)[0]
-    return {**{k: job[k] for k in ("hash", "task", "setting", "seed_index", "seed")},
+    return {**{k: job[k] for k in ("cell_hash", "task", "setting", "seed_index", "seed")},
             "score": float(result.score), "status": result.status, "steps": result.steps}
 
 
@@ -147,9 +147,10 @@ def reevaluate(out: Path, cells: dict[str, dict], tasks: list[str], seeds: int, 
     from cellsearch.tasks import get_task
 
     path = out / "reeval.csv"
-    done = pd.read_csv(path) if path.exists() else pd.DataFrame(
-        columns=["hash", "task", "setting", "seed_index", "seed", "score", "status", "steps"])
-    have = {(r.hash, r.task, int(r.setting), int(r.seed_index)) for r in done.itertuples()}
+    # (an older benchmark wrote the column as "hash")
+    done = pd.read_csv(path).rename(columns={"hash": "cell_hash"}) if path.exists() else pd.DataFrame(
+        columns=["cell_hash", "task", "setting", "seed_index", "seed", "score", "status", "steps"])
+    have = {(r.cell_hash, r.task, int(r.setting), int(r.seed_index)) for r in done.itertuples()}
     jobs = []
     for task_name in tasks:
         space = get_task(task_name).space_for("small")
@@ -158,7 +159,7 @@ def reevaluate(out: Path, cells: dict[str, dict], tasks: list[str], seeds: int, 
                 seed = seed_streams.derived_seed(REEVAL_SEED, 0, tasks.index(task_name), index)
                 for cell_hash, spec in cells.items():
                     if (cell_hash, task_name, setting, index) not in have:
-                        jobs.append({"hash": cell_hash, "cell": spec, "task": task_name, "setting": setting,
+                        jobs.append({"cell_hash": cell_hash, "cell": spec, "task": task_name, "setting": setting,
                                      "hparams": hparams.to_dict(), "seed_index": index, "seed": seed})
     print(f"[{time.strftime('%H:%M:%S')}] re-evaluating: {len(jobs)} runs ({len(cells)} cells)", flush=True)
     rows = done.to_dict("records")
@@ -175,9 +176,9 @@ def reevaluated_scores(table, reference: str, tasks: list[str]) -> dict[str, flo
     """Per cell: min over tasks of (mean over seeds of its best setting's score) / the reference's same."""
     from cellsearch.scoring import score_of
 
-    best = table.groupby(["hash", "task", "seed_index"])["score"].max().groupby(["hash", "task"]).mean()
+    best = table.groupby(["cell_hash", "task", "seed_index"])["score"].max().groupby(["cell_hash", "task"]).mean()
     mapping = {(cell, task): float(value) for (cell, task), value in best.items()}
-    return {cell: score_of(mapping, cell, reference, tasks) for cell in table["hash"].unique()}
+    return {cell: score_of(mapping, cell, reference, tasks) for cell in table["cell_hash"].unique()}
 
 
 def main() -> None:
@@ -212,7 +213,7 @@ def main() -> None:
         reference = first.reference_hash
         specs = {}
         for top in tops.values():
-            for cell_hash in top["hash"]:
+            for cell_hash in top["cell_hash"]:
                 specs[cell_hash] = None
         specs[reference] = None
     finally:
@@ -235,10 +236,10 @@ def main() -> None:
     for (variant, seed), stats in statistics.items():
         top = tops[(variant, seed)]
         searched = [float(s) for s in top["score"]]
-        again = [rescored.get(h, float("nan")) for h in top["hash"]]
+        again = [rescored.get(h, float("nan")) for h in top["cell_hash"]]
         rows.append({"variant": variant, "seed": seed, **stats, "top_cells": len(top),
                      "top_tau": kendall_tau(searched, again) if len(top) >= 3 else float("nan"),
-                     "top_hashes": " ".join(h[:12] for h in top["hash"])})
+                     "top_hashes": " ".join(h[:12] for h in top["cell_hash"])})
     summary = pd.DataFrame(rows)
     full = summary[summary["variant"] == "full"].set_index("seed")["candidates_per_cpu_hour"]
     summary["candidates_ratio_vs_full"] = [r.candidates_per_cpu_hour / full.get(r.seed, float("nan"))

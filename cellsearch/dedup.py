@@ -28,7 +28,12 @@ per cell: they are derived from what the node computes,
   written (``n + z*(h - n)`` and ``z*h + (n - z*n)`` rank the GRU's gates alike).
 
 The bias constant is added to the node's bias and ``diag`` to its matrix
-diagonals, so cells that differ only in initial constants differ.
+diagonals, so cells that differ only in initial constants differ. A ``scale``
+node (a learned per-unit vector, the peephole) is treated like a one-operand
+``linear``: its vector is derived from its operand's value, and copies (the
+peepholes of two gates reading the same cell state) are ranked the same way,
+so a peephole shared between two gates is not a duplicate of two peepholes.
+``one_minus`` is the elementwise ``1 - v``.
 
 What it catches (same fingerprint, with overwhelming probability): renamed
 nodes, commuted operands, ``identity`` chains anywhere, parameter-free nodes
@@ -69,7 +74,7 @@ from typing import Iterable, Literal
 
 import numpy as np
 
-from cellsearch.spec import INPUT, MAX_STATES, CellSpec, Node
+from cellsearch.spec import INPUT, LEARNED, MAX_STATES, SCALE, CellSpec, Node
 
 __all__ = ["fingerprint", "Deduplicator", "DuplicateCheck", "PROBE_WIDTH", "PROBE_STEPS"]
 
@@ -144,6 +149,18 @@ def _weights(
     return tuple(matrices), vector
 
 
+@functools.lru_cache(maxsize=16384)
+def _scale_vector(key: bytes, rank: int) -> np.ndarray:
+    """The per-unit vector of a ``scale`` node with functional ``key`` (its operand's value) and copy ``rank``."""
+    seed = _digest(key, rank.to_bytes(4, "little"), b"scale")
+    rng = np.random.Generator(np.random.PCG64(int.from_bytes(seed, "little")))
+    # Away from zero and from one: a peephole that vanished or passed its operand unchanged would
+    # make the cell equal to a cell without it or with a plain read.
+    vector = rng.uniform(0.3, 0.7, PROBE_WIDTH) * rng.choice([-1.0, 1.0], PROBE_WIDTH)
+    vector.setflags(write=False)
+    return vector
+
+
 def _sigmoid(values: np.ndarray) -> np.ndarray:
     return 0.5 * (1.0 + np.tanh(0.5 * values))  # no overflow warning for large negative inputs
 
@@ -153,6 +170,7 @@ _ELEMENTWISE_FUNCTIONS = {
     "sigmoid": _sigmoid,
     "relu": lambda v: np.maximum(v, 0.0),
     "identity": lambda v: v,
+    "one_minus": lambda v: 1.0 - v,
 }
 
 
@@ -161,7 +179,8 @@ class _Probe:
 
     def __init__(self, spec: CellSpec) -> None:
         self.spec = spec
-        self.linear = [n for n in spec.order if spec.nodes[n].op == "linear"]
+        # Nodes with learned parameters (linear and scale): their copies are ranked (see the module doc).
+        self.linear = [n for n in spec.order if spec.nodes[n].op in LEARNED]
 
     def first_step(self, ranks: dict[str, int]) -> tuple[dict[str, np.ndarray], dict[str, bytes], dict]:
         """Values at step 0, the functional key of every linear node, and the weights used."""
@@ -174,6 +193,14 @@ class _Probe:
         weights: dict[str, tuple[list[tuple[str, np.ndarray]], np.ndarray]] = {}
         for name in spec.order:
             node = spec.nodes[name]
+            if node.op == SCALE:
+                operand = node.inputs[0]
+                if operand not in value_keys:
+                    value_keys[operand] = _digest(_quantised(values[operand]))
+                keys[name] = _digest(b"scale", value_keys[operand])
+                weights[name] = _scale_vector(keys[name], ranks.get(name, 0))
+                values[name] = values[operand] * weights[name]
+                continue
             if node.op != "linear":
                 values[name] = _elementwise(node, values)
                 continue
@@ -212,6 +239,9 @@ class _Probe:
                         total = total + tangents[operand] @ matrix
                 tangents[name] = total
                 continue
+            if op == SCALE:
+                tangents[name] = moved[0] * weights[name]
+                continue
             zero = np.zeros_like(values[name])
             first = zero if moved[0] is None else moved[0]
             if op in ("add", "sub", "mul"):
@@ -228,6 +258,8 @@ class _Probe:
                 tangents[name] = first * values[name] * (1.0 - values[name])
             elif op == "relu":
                 tangents[name] = first * (values[node.inputs[0]] > 0.0)
+            elif op == "one_minus":
+                tangents[name] = -first
             else:  # identity
                 tangents[name] = first
         zero = np.zeros_like(_PROBE_DIRECTION)
@@ -288,7 +320,12 @@ class _Probe:
                     values[state] = previous[spec.outputs[state]]
                 for name in spec.order:
                     node = spec.nodes[name]
-                    values[name] = _linear(weights[name], values) if node.op == "linear" else _elementwise(node, values)
+                    if node.op == "linear":
+                        values[name] = _linear(weights[name], values)
+                    elif node.op == SCALE:
+                        values[name] = values[node.inputs[0]] * weights[name]
+                    else:
+                        values[name] = _elementwise(node, values)
             outputs.extend(values[spec.outputs[state]] for state in spec.states)
         quantised = _quantised(np.stack(outputs))
         return hashlib.blake2b(_VERSION + b";states=%d;" % len(spec.states) + quantised, digest_size=20).hexdigest()

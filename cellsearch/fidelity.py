@@ -33,6 +33,15 @@ from cellsearch.config import ConfigError, from_mapping, option, shown, to_mappi
 __all__ = ["HalvingConfig", "PromotionConfig", "rung_steps", "survivors", "best_until"]
 
 
+def _check_fields(config: Any) -> None:
+    """``from_dict`` checks values before building; this catches a config built directly with a bad value."""
+    for item in dataclasses.fields(config):
+        check = item.metadata.get("check")
+        value = getattr(config, item.name)
+        if check is not None and not check(value):
+            raise ConfigError(f"{item.name}: {shown(value)} is out of range ({item.metadata.get('rule')})")
+
+
 @dataclass(frozen=True)
 class HalvingConfig:
     """Whether and how a unit's settings are pruned rung by rung (successive halving)."""
@@ -49,12 +58,7 @@ class HalvingConfig:
     )
 
     def __post_init__(self) -> None:
-        # from_dict checks before building; this catches a config built directly with a bad value
-        for item in dataclasses.fields(self):
-            check = item.metadata.get("check")
-            value = getattr(self, item.name)
-            if check is not None and not check(value):
-                raise ConfigError(f"{item.name}: {shown(value)} is out of range ({item.metadata.get('rule')})")
+        _check_fields(self)
 
     def to_dict(self) -> dict[str, Any]:
         return to_mapping(self)
@@ -115,11 +119,7 @@ class PromotionConfig:
         check=lambda f: 0 < f < 1, rule="0 < f < 1")
 
     def __post_init__(self) -> None:
-        for item in dataclasses.fields(self):
-            check = item.metadata.get("check")
-            value = getattr(self, item.name)
-            if check is not None and not check(value):
-                raise ConfigError(f"{item.name}: {shown(value)} is out of range ({item.metadata.get('rule')})")
+        _check_fields(self)
 
     def to_dict(self) -> dict[str, Any]:
         return to_mapping(self)

@@ -8,6 +8,13 @@ it. :func:`sample_settings` asks an Optuna study for new points and guarantees
 that a study (one per cell and task) never receives the same setting twice:
 random sampling without replacement, the paper's procedure. TPE is selectable
 through :func:`make_sampler`.
+
+Two fields of a setting are not searched: ``dropout_mode`` (``standard`` or ``variational``,
+Gal & Ghahramani's per-sequence masks) and ``layer_norm`` (Ba et al.'s normalisation of every
+linear node). They are fixed per task default or retrain preset, have no list in the space, and
+are left out of :meth:`HyperParams.to_dict` at their defaults, so that every stored setting
+(database rows, Optuna trials, checkpoint identities) written before they existed reads and
+compares exactly as before.
 """
 
 from __future__ import annotations
@@ -16,7 +23,7 @@ import dataclasses
 import itertools
 import math
 from dataclasses import dataclass
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Literal, Mapping
 
 import numpy as np
 
@@ -75,9 +82,20 @@ class HyperParams:
     dropout: float = option(
         0.0, "dropout between layers and before the softmax", check=lambda p: 0 <= p < 1, rule="0 <= p < 1"
     )
+    dropout_mode: Literal["standard", "variational"] = option(
+        "standard",
+        "standard: a fresh mask per element (Zaremba et al.); variational: one mask per sequence on the "
+        "input, output and recurrent state (Gal & Ghahramani 2016). Not searched",
+    )
+    layer_norm: bool = option(False, "normalise every linear node of the cell (Ba et al. 2016). Not searched")
 
     def to_dict(self) -> dict[str, Any]:
-        return to_mapping(self)
+        """Plain data; the regularisers only when they differ from their defaults (see the module doc)."""
+        data = to_mapping(self)
+        for name, default in _UNSEARCHED_DEFAULTS.items():
+            if data[name] == default:
+                del data[name]
+        return data
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "HyperParams":
@@ -123,7 +141,8 @@ class HyperParameterSpace:
 
     @staticmethod
     def names() -> tuple[str, ...]:
-        return tuple(f.name for f in dataclasses.fields(HyperParams))
+        """The searched fields of :class:`HyperParams` (every field but the regularisers)."""
+        return tuple(f.name for f in dataclasses.fields(HyperParameterSpace))
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "HyperParameterSpace":
@@ -174,6 +193,10 @@ class HyperParameterSpace:
         """One uniformly random setting (without Optuna; used for fallbacks and benchmarks)."""
         values = {name: getattr(self, name)[int(rng.integers(len(getattr(self, name))))] for name in self.names()}
         return HyperParams(**values)
+
+
+#: Fields of a setting that the space does not search, and their defaults.
+_UNSEARCHED_DEFAULTS = {"dropout_mode": "standard", "layer_norm": False}
 
 
 def setting_key(params: HyperParams | Mapping[str, Any]) -> tuple:

@@ -14,6 +14,16 @@ different cells are compared at equal size, as in the paper; :func:`build_model`
 initialises a model at that width. :func:`masked_loss` (one model) and :func:`member_losses`
 (a batched model, one loss per member) are the loss the training loop minimises and scores.
 
+Regularisers (:class:`~cellsearch.hparams.HyperParams` ``dropout_mode`` and ``layer_norm``): with
+``dropout_mode="variational"`` the model applies no dropout of its own; its
+:class:`~cellsearch.compiler.CellRNN` drops the embedding (its input), the recurrent state and
+its output with one mask per sequence (Gal & Ghahramani, 2016, see :mod:`cellsearch.compiler.module`),
+so the model is Gal & Ghahramani's variational LSTM when the cell is an LSTM. ``layer_norm``
+normalises every linear node of the cell (Ba et al., 2016). Both travel to the batched model, and
+members of one batched model share them. The layer-norm gains (one vector per linear node and layer)
+are not part of the parameter budget: the width is the plain cell's, so a cell is compared at the
+same width with and without normalisation (an LSTM layer of width 650 gains 2,600 parameters).
+
 Why a module of its own: the compiler (:mod:`cellsearch.compiler`) turns a cell into layers and
 knows nothing of models or training; the training loop (:mod:`cellsearch.training`), checkpoints
 (which rebuild a model to load its weights) and the compiled training step all need the models and
@@ -89,14 +99,21 @@ def solve_hidden_size(spec: CellSpec, vocab_size: int, num_layers: int, paramete
 
 # ----------------------------------------------------------------------- models
 class SequenceModel(nn.Module):
-    """Embedding of the hidden width -> CellRNN -> dropout -> linear softmax (logits)."""
+    """Embedding of the hidden width -> CellRNN -> dropout -> linear softmax (logits).
 
-    def __init__(self, spec: CellSpec, vocab_size: int, hidden_size: int, num_layers: int = 1, dropout: float = 0.0):
+    With ``dropout_mode="variational"`` the CellRNN does all the dropping, with per-sequence masks
+    (see the module doc); ``layer_norm`` is the CellRNN's.
+    """
+
+    def __init__(self, spec: CellSpec, vocab_size: int, hidden_size: int, num_layers: int = 1, dropout: float = 0.0,
+                 *, dropout_mode: str = "standard", layer_norm: bool = False):
         super().__init__()
         self.hidden_size = hidden_size
         self.embedding = nn.Embedding(vocab_size, hidden_size)
-        self.rnn = CellRNN(spec, hidden_size, hidden_size, num_layers=num_layers, dropout=dropout)
-        self.dropout = nn.Dropout(dropout)
+        self.rnn = CellRNN(spec, hidden_size, hidden_size, num_layers=num_layers, dropout=dropout,
+                           dropout_mode=dropout_mode, layer_norm=layer_norm)
+        # the variational CellRNN masks its input and output itself, once per sequence
+        self.dropout = nn.Dropout(0.0 if dropout_mode == "variational" else dropout)
         self.decoder = nn.Linear(hidden_size, vocab_size)
 
     def reset_parameters(self, init_scale: float) -> None:
@@ -118,7 +135,8 @@ class SequenceModel(nn.Module):
 def build_model(spec: CellSpec, task: Task, hparams: HyperParams) -> SequenceModel:
     """The model for ``spec`` on ``task`` at the width that fits ``hparams.parameter_budget``, initialised."""
     hidden_size = solve_hidden_size(spec, task.vocab_size, hparams.num_layers, hparams.parameter_budget)
-    model = SequenceModel(spec, task.vocab_size, hidden_size, hparams.num_layers, hparams.dropout)
+    model = SequenceModel(spec, task.vocab_size, hidden_size, hparams.num_layers, hparams.dropout,
+                          dropout_mode=hparams.dropout_mode, layer_norm=hparams.layer_norm)
     model.reset_parameters(hparams.init_scale)
     return model
 
@@ -139,7 +157,8 @@ class BatchedSequenceModel(nn.Module):
     """
 
     def __init__(self, spec: CellSpec, members: int, vocab_size: int, hidden_size: int, num_layers: int = 1,
-                 dropout: float = 0.0, generators: Sequence[torch.Generator] | None = None) -> None:
+                 dropout: float = 0.0, generators: Sequence[torch.Generator] | None = None, *,
+                 dropout_mode: str = "standard", layer_norm: bool = False) -> None:
         super().__init__()
         self.members = check_member_count(members)
         self.spec = spec
@@ -147,10 +166,13 @@ class BatchedSequenceModel(nn.Module):
         self.hidden_size = hidden_size
         self.num_layers = num_layers
         self.dropout_probability = float(dropout)
+        self.dropout_mode = dropout_mode
+        self.layer_norm = layer_norm
         self.generators = check_generators(generators, self.members)
         self.embedding = nn.Module()
         self.embedding.weight = nn.Parameter(torch.zeros(members, vocab_size, hidden_size))
-        self.rnn = BatchedCellRNN(spec, members, hidden_size, hidden_size, num_layers, dropout, generators)
+        self.rnn = BatchedCellRNN(spec, members, hidden_size, hidden_size, num_layers, dropout, generators,
+                                  dropout_mode=dropout_mode, layer_norm=layer_norm)
         self.decoder = nn.Module()
         self.decoder.weight = nn.Parameter(torch.zeros(members, vocab_size, hidden_size))
         self.decoder.bias = nn.Parameter(torch.zeros(members, vocab_size))
@@ -162,13 +184,15 @@ class BatchedSequenceModel(nn.Module):
         """One batched model holding ``models`` (``SequenceModel`` of the same cell, vocabulary, width, layers,
         dropout)."""
         first = models[0]
-        shape = lambda m: (m.rnn.spec.hash, m.embedding.num_embeddings, m.hidden_size, m.rnn.num_layers, m.rnn.dropout)  # noqa: E731
+        shape = lambda m: (m.rnn.spec.hash, m.embedding.num_embeddings, m.hidden_size, m.rnn.num_layers,  # noqa: E731
+                           m.rnn.dropout, m.rnn.dropout_mode, m.rnn.layer_norm)
         if any(shape(m) != shape(first) for m in models[1:]):
-            raise ValueError("BatchedSequenceModel.from_members: members must share cell, vocabulary, width, layers "
-                             "and dropout")
+            raise ValueError("BatchedSequenceModel.from_members: members must share cell, vocabulary, width, layers, "
+                             "dropout (probability and mode) and layer_norm")
         reference = first.embedding.weight
         batched = cls(first.rnn.spec, len(models), first.embedding.num_embeddings, first.hidden_size,
-                      first.rnn.num_layers, first.rnn.dropout, generators)
+                      first.rnn.num_layers, first.rnn.dropout, generators, dropout_mode=first.rnn.dropout_mode,
+                      layer_norm=first.rnn.layer_norm)
         batched.to(device=reference.device, dtype=reference.dtype)
         stack_members(batched, models)
         return batched
@@ -178,7 +202,8 @@ class BatchedSequenceModel(nn.Module):
         reference = self.embedding.weight
         with torch.random.fork_rng(devices=[]):  # its initial values are overwritten; the global RNG stays as it was
             model = SequenceModel(self.spec, self.vocab_size, self.hidden_size, self.num_layers,
-                                  self.dropout_probability)
+                                  self.dropout_probability, dropout_mode=self.dropout_mode,
+                                  layer_norm=self.layer_norm)
         model.to(device=reference.device, dtype=reference.dtype)
         model.load_state_dict(self.member_state(index))
         return model
@@ -190,11 +215,12 @@ class BatchedSequenceModel(nn.Module):
     def take(self, indices: Sequence[int]) -> "BatchedSequenceModel":
         """A new model with only the members at ``indices`` (weights copied, generators shared)."""
         return take_members(self, indices, lambda count, generators: BatchedSequenceModel(
-            self.spec, count, self.vocab_size, self.hidden_size, self.num_layers, self.dropout_probability, generators))
+            self.spec, count, self.vocab_size, self.hidden_size, self.num_layers, self.dropout_probability, generators,
+            dropout_mode=self.dropout_mode, layer_norm=self.layer_norm))
 
     def _dropout(self, values: torch.Tensor) -> torch.Tensor:
-        if not (self.dropout_probability and self.training):
-            return values
+        if not (self.dropout_probability and self.training) or self.dropout_mode == "variational":
+            return values  # variational: the cell layers drop, once per sequence
         return member_dropout(values, self.dropout_probability, self.generators)
 
     def forward(self, tokens: torch.Tensor, state: Any = None) -> tuple[torch.Tensor, Any]:

@@ -32,6 +32,23 @@ the node:
     a cycle). For ``sub`` the node's ancestor comes first; when both draws are the
     same value, ``sub`` (identically zero) is not among the choices.
 
+Two more transformations, off by default (weight 0, so the paper's procedure and every seeded
+result are unchanged), move through the peephole LSTMs of Greff et al. (2017); give them a weight
+in :class:`OperatorWeights` to switch them on:
+
+``add_peephole``
+    a ``linear`` node ``L`` (a gate's pre-activation) becomes ``add(L, scale(v))``: a learned
+    per-unit weight times a memory value ``v``, drawn from the cell's states (their previous
+    values) and the nodes holding their next values, leaving out ``L`` and its descendants (a
+    peephole must not close a cycle). The LSTM's ``p_i * c`` and ``p_o * c'``.
+``remove_peephole``
+    a ``scale`` node is deleted: an ``add`` that read it is replaced by its other operand (the
+    peephole's term disappears from the sum), and any other reader reads the scale's operand.
+
+``one_minus`` (``1 - v``, the coupled gate of Greff's CIFG) may be put in the activation set
+(``activations: [..., one_minus]``): then ``activation`` and ``insert`` produce it and the other
+transformations remove it as any other activation.
+
 Transformations act on the evolving child, so later ones see earlier ones; nodes
 created during a mutation are not visited again, and nodes that no longer reach
 an output are dropped as soon as they do. New nodes get fresh, deterministic
@@ -71,10 +88,12 @@ import numpy as np
 
 from cellsearch.config import ConfigError, option
 from cellsearch.errors import UserError
-from cellsearch.spec import ACTIVATIONS, ELEMENTWISE, MAX_CONSTANT, CellSpec, CellSpecError, Node
+from cellsearch.spec import ACTIVATIONS, ELEMENTWISE, MAX_CONSTANT, ONE_MINUS, SCALE, CellSpec, CellSpecError, Node
 
 __all__ = [
     "OPERATORS",
+    "PEEPHOLE_OPERATORS",
+    "ALL_OPERATORS",
     "REJECTION_REASONS",
     "MutationConfig",
     "OperatorWeights",
@@ -88,6 +107,11 @@ __all__ = [
 
 #: Transformation kinds, in the paper's order.
 OPERATORS = ("activation", "elementwise", "insert", "remove", "combine")
+#: Transformations beyond the paper's, off by default (see the module doc).
+PEEPHOLE_OPERATORS = ("add_peephole", "remove_peephole")
+ALL_OPERATORS = OPERATORS + PEEPHOLE_OPERATORS
+#: Activation-set entries besides the activations and linear(A): ops of one operand without weights.
+_UNARY_ENTRIES = (ONE_MINUS,)
 #: Why an attempt can be thrown away.
 REJECTION_REASONS = ("unchanged", "invalid", "degenerate", "too_large", "too_few_linear")
 
@@ -101,18 +125,19 @@ class MutationError(UserError):
 def parse_activation(text: str) -> Node:
     """The node template for one activation-set entry (operand left empty).
 
-    Entries are ``tanh``, ``sigmoid``, ``relu``, ``identity`` or ``linear(A)``
-    (the paper's ``Linear(A, v)``: one matrix with ``A`` on its diagonal at init,
-    bias 0). Parsed with a regular expression, never evaluated.
+    Entries are ``tanh``, ``sigmoid``, ``relu``, ``identity``, ``one_minus`` or
+    ``linear(A)`` (the paper's ``Linear(A, v)``: one matrix with ``A`` on its
+    diagonal at init, bias 0). Parsed with a regular expression, never evaluated.
     """
     if not isinstance(text, str):
         raise ConfigError(f"activation {text!r}: expected a string")
-    if text in ACTIVATIONS:
+    if text in ACTIVATIONS or text in _UNARY_ENTRIES:
         return Node(op=text, inputs=())
     match = _LINEAR_FORM.fullmatch(text.strip())
     if match is None:
         raise ConfigError(
-            f"activation {text!r}: expected one of {', '.join(ACTIVATIONS)} or linear(A) with a number A"
+            f"activation {text!r}: expected one of {', '.join(ACTIVATIONS + _UNARY_ENTRIES)} or linear(A) "
+            "with a number A"
         )
     diag = float(match.group(1))
     if not math.isfinite(diag) or abs(diag) > MAX_CONSTANT:
@@ -156,13 +181,21 @@ class OperatorWeights:
     combine: float = option(
         1.0, "the paper draws uniformly among applicable transformations", check=_non_negative, rule=">= 0"
     )
+    add_peephole: float = option(
+        0.0, "not in the paper: off, so that seeded searches reproduce; > 0 lets evolution add peepholes",
+        check=_non_negative, rule=">= 0"
+    )
+    remove_peephole: float = option(
+        0.0, "not in the paper: off, so that seeded searches reproduce; > 0 lets evolution remove peepholes",
+        check=_non_negative, rule=">= 0"
+    )
 
     def __post_init__(self) -> None:
-        for kind in OPERATORS:
+        for kind in ALL_OPERATORS:
             value = getattr(self, kind)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                 raise ConfigError(f"weights.{kind}: {value!r} is out of range (a finite number >= 0)")
-        if not any(getattr(self, kind) > 0 for kind in OPERATORS):
+        if not any(getattr(self, kind) > 0 for kind in ALL_OPERATORS):
             raise ConfigError("weights: at least one transformation needs a positive weight")
 
 
@@ -175,7 +208,7 @@ class MutationConfig:
         ("tanh", "sigmoid", "relu", "linear(0)", "linear(1)", "linear(0.9)", "linear(1.1)"),
         "the paper's set; linear(A) is a one-operand linear with A on the diagonal at init",
         check=_valid_activations,
-        rule="non-empty, distinct entries from tanh, sigmoid, relu, identity, linear(A)",
+        rule="non-empty, distinct entries from tanh, sigmoid, relu, identity, one_minus, linear(A)",
     )
     elementwise: tuple[str, ...] = option(
         ELEMENTWISE,
@@ -212,7 +245,8 @@ class MutationConfig:
     def __post_init__(self) -> None:
         # Direct construction skips from_mapping's checks; repeat the ones that matter.
         if not _valid_activations(tuple(self.activations)):
-            raise ConfigError("activations: non-empty, distinct entries from tanh, sigmoid, relu, identity, linear(A)")
+            raise ConfigError("activations: non-empty, distinct entries from tanh, sigmoid, relu, identity, one_minus, "
+                              "linear(A)")
         if (not self.elementwise or not set(self.elementwise) <= set(ELEMENTWISE)
                 or len(set(self.elementwise)) != len(self.elementwise)):
             raise ConfigError(f"elementwise: non-empty, distinct entries from {', '.join(ELEMENTWISE)}")
@@ -220,7 +254,7 @@ class MutationConfig:
         object.__setattr__(self, "elementwise", tuple(self.elementwise))
         object.__setattr__(self, "_templates", tuple(parse_activation(a) for a in self.activations))
         object.__setattr__(
-            self, "_weight_of", MappingProxyType({k: float(getattr(self.weights, k)) for k in OPERATORS})
+            self, "_weight_of", MappingProxyType({k: float(getattr(self.weights, k)) for k in ALL_OPERATORS})
         )
 
     @property
@@ -294,8 +328,8 @@ class Operation:
         if not isinstance(data, Mapping):
             raise ValueError(f"operation record: expected a mapping, got {type(data).__name__}")
         kind = data.get("kind")
-        if kind not in OPERATORS:
-            raise ValueError(f"operation record: unknown kind {kind!r}; known: {', '.join(OPERATORS)}")
+        if kind not in ALL_OPERATORS:
+            raise ValueError(f"operation record: unknown kind {kind!r}; known: {', '.join(ALL_OPERATORS)}")
         return cls(
             kind=kind,
             node=str(data["node"]),
@@ -318,6 +352,12 @@ class Operation:
             return f"{self.node}: inserted {inserted}; {old_text} -> {_expression(changed) if changed else '?'}"
         if self.kind == "remove":
             return f"{self.node} = {old_text} removed; its readers now read {self.rewired}"
+        if self.kind == "add_peephole":
+            added = ", ".join(f"{n} = {_expression(node)}" for n, node in self.after)
+            return f"{self.node}: peephole added ({added}); its readers now read {self.rewired}"
+        if self.kind == "remove_peephole":
+            dropped = ", ".join(f"{n} = {_expression(node)}" for n, node in self.before)
+            return f"peephole {self.node} removed ({dropped}); its readers now read {self.rewired}"
         added = ", ".join(f"{n} = {_expression(node)}" for n, node in self.after)
         return f"{self.node} = {old_text} replaced by {added}"
 
@@ -536,7 +576,7 @@ def _pick(draws: _Uniforms, items: Sequence[Any]) -> Any:
 
 def _activation_form(node: Node) -> tuple[str, float] | None:
     """The node's member of the activation set, or None when it is not an activation."""
-    if node.op in ACTIVATIONS:
+    if node.op in ACTIVATIONS or node.op in _UNARY_ENTRIES:
         return (node.op, 0.0)
     if node.op == "linear" and len(node.inputs) == 1:
         # A one-operand linear with a bias is still an activation site, just not equal to any Linear(a, v).
@@ -548,7 +588,18 @@ def _from_template(template: Node, operand: str) -> Node:
     return Node(template.op, (operand,), 0.0, template.diag)
 
 
-def _applicable(node: Node, config: MutationConfig) -> tuple[tuple[str, float], ...]:
+def _peephole_sources(name: str, draft: _Draft) -> list[str]:
+    """What a peephole on linear node ``name`` may read: states and the nodes holding their next values,
+    except ``name`` and its descendants (sorted, for reproducible draws)."""
+    states = draft.inputs[1:]
+    candidates = set(states) | {target for target in draft.outputs.values() if target in draft.nodes}
+    forbidden = draft.descendants(name)
+    forbidden.add(name)
+    return sorted(candidates - forbidden)
+
+
+def _applicable(node: Node, config: MutationConfig, name: str = "", draft: _Draft | None = None
+                ) -> tuple[tuple[str, float], ...]:
     """(kind, weight) of the transformations that can act on ``node``, zero weights left out."""
     weights = config.weight_of
     kinds = []
@@ -560,6 +611,11 @@ def _applicable(node: Node, config: MutationConfig) -> tuple[tuple[str, float], 
         if form is not None and any((t.op, t.diag) != form for t in config.activation_templates):
             kinds.append("activation")
     kinds += ("insert", "remove", "combine")
+    # after the paper's kinds: with zero weights they drop out and the draws are the paper's
+    if weights["add_peephole"] > 0 and node.op == "linear" and draft is not None and _peephole_sources(name, draft):
+        kinds.append("add_peephole")
+    if weights["remove_peephole"] > 0 and node.op == SCALE:
+        kinds.append("remove_peephole")
     return tuple((k, weights[k]) for k in kinds if weights[k] > 0)
 
 
@@ -595,6 +651,31 @@ def _apply(kind: str, name: str, draft: _Draft, draws: _Uniforms, config: Mutati
         draft.set(inserted_name, inserted)
         draft.set(name, changed)
         return Operation(kind, name, before, ((inserted_name, inserted), (name, changed)))
+    if kind == "add_peephole":
+        source = _pick(draws, _peephole_sources(name, draft))
+        scale_name, sum_name = draft.fresh_name(), draft.fresh_name()
+        scale, total = Node(SCALE, (source,)), Node("add", (name, scale_name))
+        draft.set(scale_name, scale)
+        draft.readers.setdefault(sum_name, 0)
+        draft.redirect(name, sum_name)  # before the sum exists, so that the sum itself keeps reading the node
+        draft.set(sum_name, total)
+        return Operation(kind, name, before, ((scale_name, scale), (sum_name, total)), rewired=sum_name)
+    if kind == "remove_peephole":
+        operand = node.inputs[0]
+        removed = [before[0]]
+        for user in [u for u, n in draft.nodes.items() if name in n.inputs]:
+            if user not in draft.nodes:
+                continue
+            reader = draft.nodes[user]
+            if reader.op == "add" and reader.inputs.count(name) == 1:
+                other = reader.inputs[1] if reader.inputs[0] == name else reader.inputs[0]
+                removed.append((user, reader))
+                draft.redirect(user, other)
+                draft.delete(user)  # nobody reads the sum now; deleting it may delete the peephole too
+        if name in draft.nodes:
+            draft.redirect(name, operand)
+            draft.delete(name)
+        return Operation(kind, name, tuple(removed), (), rewired=operand)
     if kind == "remove":
         target = _pick(draws, sorted(draft.ancestors(name)))
         draft.redirect(name, target)
@@ -630,7 +711,7 @@ def _attempt(
     for name, visit in zip(parent.order, visits.tolist()):
         if not visit or name not in draft.nodes:
             continue
-        kinds = _applicable(draft.nodes[name], config)
+        kinds = _applicable(draft.nodes[name], config, name, draft)
         if not kinds:
             continue
         operations.append(_apply(_choose_kind(draws, kinds), name, draft, draws, config))

@@ -1,4 +1,8 @@
-"""Human-readable views of a :class:`~cellsearch.spec.CellSpec`: equations, DOT text, PNG drawings."""
+"""Human-readable views of a :class:`~cellsearch.spec.CellSpec`: equations, DOT text, PNG drawings.
+
+A ``scale`` node (a learned per-unit vector, the peephole) prints as ``p_NAME * v`` (``*`` is
+elementwise, as everywhere in the equations), ``one_minus`` as ``1 - v``.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +18,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from cellsearch.spec import CellSpec
 
 _ACTIVATION_NAMES = {"tanh": "tanh", "sigmoid": "sigmoid", "relu": "relu"}
+#: Node colours of a drawing; learned parameters (linear, scale) in orange.
+_COLOURS = {"input": "#9ecae1", "output": "#a1d99b", "linear": "#fdd0a2", "scale": "#fdae6b"}
 
 
 def _weight_name(operand: str, target: str) -> str:
@@ -69,6 +75,10 @@ def equations(spec: "CellSpec") -> str:
             expr = f"{_ACTIVATION_NAMES[node.op]}({inner})"
         elif node.op == "identity":
             expr = node.inputs[0]
+        elif node.op == "scale":
+            expr = f"p_{name} * {node.inputs[0]}"
+        elif node.op == "one_minus":
+            expr = f"1 - {node.inputs[0]}"
         else:
             symbol = {"add": "+", "sub": "-", "mul": "*"}[node.op]
             expr = f" {symbol} ".join(node.inputs)
@@ -101,27 +111,67 @@ def _node_label(spec: "CellSpec", name: str) -> str:
 
 
 def to_dot(spec: "CellSpec") -> str:
-    """Graphviz DOT text. Every string in it is an identifier or a whitelisted op, so it needs no escaping."""
-    lines = [f"digraph cell_{spec.short_hash} {{", "  rankdir=BT;", "  node [fontname=Helvetica];"]
+    """Graphviz DOT text: inputs at the bottom, states at the top, learned nodes in orange (as in the drawings).
+
+    Every string in it is an identifier or a whitelisted op, so it needs no escaping."""
+    lines = [f"digraph cell_{spec.short_hash} {{", "  rankdir=BT; nodesep=0.35; ranksep=0.45;",
+             f'  label="{spec.name or "cell"} ({spec.short_hash})"; labelloc=t; fontname=Helvetica; fontsize=18;',
+             "  node [fontname=Helvetica, fontsize=14, style=filled, fillcolor=\"#f0f0f0\", color=\"#555555\"];",
+             "  edge [color=\"#444444\", arrowsize=0.8, fontname=Helvetica, fontsize=12];"]
+    lines.append("  { rank=min; " + " ".join(spec.inputs) + "; }")
     for name in spec.inputs:
-        lines.append(f'  {name} [label="{_node_label(spec, name)}", shape=box, style=filled, fillcolor=lightblue];')
+        lines.append(f'  {name} [label="{_node_label(spec, name)}", shape=box, fillcolor="{_COLOURS["input"]}"];')
     for name, node in spec.nodes.items():
-        shape = "box" if node.op == "linear" else "ellipse"
-        lines.append(f'  {name} [label="{_node_label(spec, name)}", shape={shape}];')
+        shape = "box" if node.op in ("linear", "scale") else "ellipse"
+        colour = _COLOURS.get(node.op, "#f0f0f0")
+        lines.append(f'  {name} [label="{_node_label(spec, name)}", shape={shape}, fillcolor="{colour}"];')
     for name, node in spec.nodes.items():
         for position, operand in enumerate(node.inputs):
             attrs = f' [label="{position}"]' if node.op == "sub" else ""
             lines.append(f"  {operand} -> {name}{attrs};")
+    outputs = [f"out_{state}" for state in spec.outputs]
     for state, target in spec.outputs.items():
-        lines.append(f'  out_{state} [label="{state}(t)", shape=box, style=filled, fillcolor=lightgreen];')
+        lines.append(f'  out_{state} [label="{state}(t)", shape=box, fillcolor="{_COLOURS["output"]}"];')
         lines.append(f"  {target} -> out_{state};")
+    lines.append("  { rank=max; " + " ".join(outputs) + "; }")
     lines.append("}")
     return "\n".join(lines) + "\n"
 
 
-def draw_png(spec: "CellSpec", path: Path) -> Path:
-    """Draw the graph, inputs at the bottom and outputs at the top, to ``path`` (PNG)."""
+def draw_png(spec: "CellSpec", path: Path, engine: str = "auto") -> Path:
+    """Draw the graph, inputs at the bottom and outputs at the top, to ``path`` (PNG).
+
+    ``engine``: ``graphviz`` lays it out with Graphviz's ``dot`` (layered, edges routed around the nodes, labels
+    at body-text size), ``matplotlib`` with a layered networkx layout (no Graphviz needed; edges are straight
+    lines and may cross nodes), ``auto`` (the default) the first when ``dot`` is on the PATH.
+    """
+    import shutil
+
+    if engine not in ("auto", "graphviz", "matplotlib"):
+        raise ValueError(f"engine must be auto, graphviz or matplotlib, not {engine!r}")
     output_file(path, "drawing")
+    dot = shutil.which("dot")
+    if engine == "graphviz" and dot is None:
+        raise UserError("drawing with Graphviz needs its `dot` program (apt-get install graphviz)")
+    if engine != "matplotlib" and dot is not None:
+        return _draw_with_dot(spec, Path(path), dot)
+    return _draw_with_matplotlib(spec, Path(path))
+
+
+def _draw_with_dot(spec: "CellSpec", path: Path, dot: str) -> Path:
+    import subprocess
+
+    done = subprocess.run([dot, "-Tpng", "-Gdpi=96"], input=to_dot(spec).encode(), capture_output=True, timeout=60)
+    if done.returncode != 0:
+        raise UserError(f"Graphviz could not draw the cell: {done.stderr.decode(errors='replace').strip()[:200]}")
+    try:
+        path.write_bytes(done.stdout)
+    except OSError as error:
+        raise UserError(f"cannot write the drawing {path}: {error.strerror or error}") from None
+    return path
+
+
+def _draw_with_matplotlib(spec: "CellSpec", path: Path) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -139,20 +189,20 @@ def draw_png(spec: "CellSpec", path: Path) -> Path:
     labels = {}
     for name, attrs in graph.nodes(data=True):
         op = attrs.get("op")
-        colours.append({"input": "#9ecae1", "output": "#a1d99b", "linear": "#fdd0a2"}.get(op, "#f0f0f0"))
+        colours.append(_COLOURS.get(op, "#f0f0f0"))
         labels[name] = name if op in ("input", "output") else f"{name}\n{op}"
-    size = max(6.0, 1.2 * max(len(g) for g in nx.topological_generations(graph)))
-    height = max(5.0, 1.0 * (1 + max(a["layer"] for _, a in graph.nodes(data=True))))
+    size = max(7.0, 1.5 * max(len(g) for g in nx.topological_generations(graph)))
+    height = max(6.0, 1.2 * (1 + max(a["layer"] for _, a in graph.nodes(data=True))))
     figure, axes = plt.subplots(figsize=(size, height))
     nx.draw_networkx(
-        graph, positions, ax=axes, labels=labels, node_color=colours, node_size=1600, font_size=7, arrowsize=12,
+        graph, positions, ax=axes, labels=labels, node_color=colours, node_size=2600, font_size=10, arrowsize=14,
         edgecolors="#555555",
     )
     axes.set_title(f"{spec.name or 'cell'} ({spec.short_hash})")
     axes.axis("off")
     figure.tight_layout()
     try:
-        figure.savefig(path, dpi=110)
+        figure.savefig(path, dpi=96)
     except OSError as error:
         raise UserError(f"cannot write the drawing {path}: {error.strerror or error}") from None
     finally:

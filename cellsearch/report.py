@@ -33,13 +33,13 @@ how good the cells found by then look against the final reference.
 from __future__ import annotations
 
 import html
-import json
 import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import numpy as np
 import pandas as pd
 
 from cellsearch.errors import UserError
@@ -81,23 +81,24 @@ def best_vs_evaluations(run, cells: pd.DataFrame) -> pd.DataFrame:
     running_best = math.nan
     rows = []
     for number, row in enumerate(evaluations.itertuples(index=False), start=1):
-        if row.task in tasks and row.cell != reference and row.status not in PARTIAL_STATUSES:
-            key = (row.cell, row.task)
-            score = float(row.score) if row.score is not None and not pd.isna(row.score) else 0.0
-            best[key] = max(best.get(key, -math.inf), score)
-            if all((row.cell, task) in best for task in tasks):
-                ratio = cell_score(task_ratio(best[(row.cell, task)], reference_best.get(task)) for task in tasks)
+        if row.task in tasks and row.cell_hash != reference and row.status not in PARTIAL_STATUSES:
+            key = (row.cell_hash, row.task)
+            metric = float(row.metric) if row.metric is not None and not pd.isna(row.metric) else 0.0
+            best[key] = max(best.get(key, -math.inf), metric)
+            if all((row.cell_hash, task) in best for task in tasks):
+                ratio = cell_score(task_ratio(best[(row.cell_hash, task)], reference_best.get(task))
+                                   for task in tasks)
                 if not math.isnan(ratio) and (math.isnan(running_best) or ratio > running_best):
                     running_best = ratio
-        rows.append({"evaluations": number, "cell": row.cell, "task": row.task, "best_score": running_best})
-    return pd.DataFrame(rows, columns=["evaluations", "cell", "task", "best_score"])
+        rows.append({"evaluations": number, "cell_hash": row.cell_hash, "task": row.task, "best_score": running_best})
+    return pd.DataFrame(rows, columns=["evaluations", "cell_hash", "task", "best_score"])
 
 
 def filter_statistics(cells: pd.DataFrame, tasks: Sequence[str], memorize_task: str | None,
                       population_changes: pd.DataFrame) -> pd.DataFrame:
     """How the proposed cells fared at each filter."""
-    seeds = cells[cells["parent"].isna()]
-    candidates = cells[cells["parent"].notna()]
+    seeds = cells[cells["parent_hash"].isna()]
+    candidates = cells[cells["parent_hash"].notna()]
     rejected_by = candidates["rejected_by"].fillna("")
     rows = [
         ("seed cells (not filtered)", len(seeds)),
@@ -114,22 +115,9 @@ def filter_statistics(cells: pd.DataFrame, tasks: Sequence[str], memorize_task: 
     rows.append(("still being evaluated", int((candidates["status"] == "evaluating").sum())))
     rows.append(("passed every task", int(candidates["status"].isin(["population", "evaluated"]).sum())))
     entered = set(population_changes.loc[population_changes["action"] == "enter", "cell_hash"])
-    rows.append(("candidates that entered the population", len(entered & set(candidates["hash"]))))
+    rows.append(("candidates that entered the population", len(entered & set(candidates["cell_hash"]))))
     rows.append(("candidates in the population now", int((candidates["status"] == "population").sum())))
     return pd.DataFrame(rows, columns=["filter", "cells"])
-
-
-def _describe_mutation(mutation_json: Any) -> str:
-    if not isinstance(mutation_json, str):
-        return "seed cell"
-    record = json.loads(mutation_json)
-    try:
-        from cellsearch.mutation import Mutation
-
-        mutation = Mutation.from_dict(record)
-        return "; ".join(f"{operation.kind}: {operation.describe()}" for operation in mutation.operations)
-    except Exception:  # an older or foreign record: show its operations as stored
-        return "; ".join(str(operation) for operation in record.get("operations", ()))
 
 
 def _label(row: Any) -> str:
@@ -143,11 +131,11 @@ def lineage_table(run, hashes: Sequence[str]) -> pd.DataFrame:
     for rank, cell_hash in enumerate(hashes, start=1):
         chain = run.lineage(cell_hash).iloc[::-1].reset_index(drop=True)
         for depth, row in enumerate(chain.itertuples(index=False)):
-            rows.append({"rank": rank, "cell": cell_hash[:12], "depth": depth, "ancestor": _label(row),
-                         "hash": row.hash, "step_created": row.step_created, "score": row.score,
-                         "mutation": _describe_mutation(row.mutation_json)})
-    return pd.DataFrame(rows, columns=["rank", "cell", "depth", "ancestor", "hash", "step_created", "score",
-                                       "mutation"])
+            rows.append({"rank": rank, "cell_hash": cell_hash, "depth": depth, "ancestor": _label(row),
+                         "ancestor_hash": row.cell_hash, "step_created": row.step_created, "score": row.score,
+                         "mutation": row.mutation_detail})
+    return pd.DataFrame(rows, columns=["rank", "cell_hash", "depth", "ancestor", "ancestor_hash", "step_created",
+                                       "score", "mutation"])
 
 
 # ------------------------------------------------------------------------------ plots
@@ -198,17 +186,60 @@ def _plot_ratios(ratios: pd.DataFrame, tasks: Sequence[str], reference_cell: str
 
 
 # ------------------------------------------------------------------------------- html
-def _table_html(table: pd.DataFrame) -> str:
-    def cell(value: Any) -> str:
-        if isinstance(value, float):
-            text = "-" if math.isnan(value) else f"{value:.4g}"
-        else:
-            text = "-" if value is None else str(value)
-        return f"<td>{html.escape(text)}</td>"
+def column_label(column: str, reference_cell: str = "gru") -> str:
+    """The header a person reads for a table column (the CSV files keep the column names)."""
+    fixed = {"short_hash": "cell", "name": "name", "status": "status", "rejected_by": "stopped by",
+             "step_created": "step", "nodes": "nodes", "params_per_width": "params / H\u00b2",
+             "score": f"score (worst ratio to {reference_cell})", "evaluations": "settings trained",
+             "reached": "reached", "promotion_score": "rung score", "promoted": "promoted",
+             "confirmed": "confirmed", "confirm_ratio": "confirmed ratio", "confirm_low": "ratio 95% low",
+             "confirm_high": "ratio 95% high", "depth": "depth", "ancestor": "ancestor", "mutation": "mutation",
+             "filter": "filter", "cells": "cells", "rank": "#"}
+    if column in fixed:
+        return fixed[column]
+    if column == "perplexity_ptb":
+        return "ptb perplexity (best)"
+    for prefix, template in (("metric_", "{task} {metric} (best)"), ("ratio_", "{task} ratio to " + reference_cell)):
+        if column.startswith(prefix):
+            task = column[len(prefix):]
+            return template.format(task=task, metric="perplexity" if task == "ptb" else "accuracy")
+    return column.replace("_", " ")
 
-    head = "".join(f"<th>{html.escape(str(column))}</th>" for column in table.columns)
-    body = "".join("<tr>" + "".join(cell(value) for value in row) + "</tr>" for row in table.itertuples(index=False))
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+def _format(column: str, value: Any) -> str:
+    """A number formatted for its column: perplexities with one decimal, ratios with four, accuracies with three."""
+    if value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if isinstance(value, (bool, np.bool_)):
+        return "yes" if value else "no"
+    if isinstance(value, (int, np.integer)):
+        return str(int(value))
+    if isinstance(value, (float, np.floating)):
+        if column.startswith(("ratio_", "confirm_")) or column in ("score", "promotion_score"):
+            return f"{value:.4f}"
+        if column == "perplexity_ptb":
+            return f"{value:.1f}"
+        if column.startswith("metric_"):
+            return f"{value:.3f}"
+        return f"{value:.4g}"
+    return str(value)
+
+
+#: Columns whose values are words (left-aligned); numbers are right-aligned.
+_TEXT_COLUMNS = ("short_hash", "name", "status", "rejected_by", "reached", "mutation", "ancestor", "filter", "cell",
+                 "role", "stop_reason", "task")
+
+
+def _table_html(table: pd.DataFrame, reference_cell: str = "gru") -> str:
+    """A table in a box that scrolls sideways when it is wider than the page; human headers, formatted numbers."""
+    columns = list(table.columns)
+    aligned = ["text" if column in _TEXT_COLUMNS else "num" for column in columns]
+    head = "".join(f"<th class='{kind}'>{html.escape(column_label(str(column), reference_cell))}</th>"
+                   for column, kind in zip(columns, aligned))
+    body = "".join("<tr>" + "".join(f"<td class='{kind}'>{html.escape(_format(str(column), value))}</td>"
+                                    for column, kind, value in zip(columns, aligned, row)) + "</tr>"
+                   for row in table.itertuples(index=False))
+    return f"<div class='scroll'><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>"
 
 
 def _link(path: str, text: str | None = None) -> str:
@@ -220,14 +251,17 @@ def _image(path: str, alt: str) -> str:
 
 
 _STYLE = """
-body { font-family: sans-serif; margin: 2em; max-width: 1200px; color: #222; }
-table { border-collapse: collapse; margin: 0.5em 0 1.5em; font-size: 0.9em; }
-th, td { border: 1px solid #ccc; padding: 3px 8px; text-align: right; }
-th { background: #f2f2f2; }
-td:first-child, th:first-child { text-align: left; }
+body { font-family: sans-serif; margin: 1.5em 2em; max-width: 1280px; color: #222; line-height: 1.4; }
+.scroll { overflow-x: auto; max-width: 100%; margin: 0.5em 0 1.5em; }
+table { border-collapse: collapse; font-size: 0.9em; }
+th, td { border: 1px solid #ccc; padding: 3px 8px; }
+th { background: #f2f2f2; vertical-align: bottom; font-size: 0.95em; }
+th.num { max-width: 7.5em; white-space: normal; }
+.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
+.text { text-align: left; }
 pre { background: #f7f7f7; padding: 0.6em; overflow-x: auto; }
 img { max-width: 100%; border: 1px solid #eee; }
-.cell { display: inline-block; vertical-align: top; margin: 0 1.5em 1.5em 0; max-width: 540px; }
+.cell { display: inline-block; vertical-align: top; margin: 0 1.5em 1.5em 0; max-width: 600px; }
 .note { color: #555; font-size: 0.9em; }
 """
 
@@ -297,9 +331,16 @@ def _write_report(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None 
         # Leaderboard: the cells that passed every filter (as `cellsearch top`), best first.
         scored = cells[cells["status"].isin(["population", "evaluated"]) & cells["score"].notna()].copy()
         scored.insert(0, "rank", range(1, len(scored) + 1))
-        leaderboard_columns = ["rank", "hash", "short_hash", "name", "status", "rejected_by", "step_created", "nodes",
-                               "params_per_width", *[f"best_{t}" for t in tasks], *[f"ratio_{t}" for t in tasks],
-                               "score", "evaluations", "parent"]
+        # people read PTB as perplexity (the tables keep 1/perplexity as its metric)
+        metrics = [("perplexity_ptb" if t == "ptb" else f"metric_{t}") for t in tasks]
+        leaderboard_columns = ["rank", "cell_hash", "short_hash", "name", "status", "rejected_by", "step_created",
+                               "nodes", "params_per_width", *metrics, *[f"ratio_{t}" for t in tasks],
+                               "score", "evaluations", "parent_hash"]
+        if cells["promoted"].notna().any():  # promotion across candidates: the rung score that let it go on
+            leaderboard_columns.insert(-2, "promotion_score")
+        if cells["confirmed"].notna().any():  # confirm_seeds: the paired re-evaluation of cells above 1
+            leaderboard_columns[-2:-2] = ["confirmed", "confirm_ratio", "confirm_low", "confirm_high", "score_mean",
+                                          "score_spread"]
         leaderboard = scored[leaderboard_columns]
         # leaderboard, best-score curve, ratios, filters, the drawn cells, lineage, the retrain, the page
         steps["total"] = 6 + min(drawn, len(leaderboard)) + (retrain is not None)
@@ -307,16 +348,21 @@ def _write_report(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None 
             progress("run read", 0, steps["total"])
         leaderboard.to_csv(out / "leaderboard.csv", index=False)
         files.append("leaderboard.csv")
-        shown = leaderboard.head(top).drop(columns=["hash", "parent"])
+        # the page shows what tells the cells apart: a leaderboard cell passed every filter, so "stopped by" is empty
+        shown = leaderboard.head(top).drop(columns=["cell_hash", "parent_hash", "rejected_by"])
+        first = ["rank", "short_hash", "name", "score", *[f"ratio_{t}" for t in tasks]]  # what ranks them, first
+        shown = shown[first + [column for column in shown.columns if column not in first]]
         reference_best = cells.attrs.get("reference_best", {})
         sections.append(
             "<h2>Leaderboard</h2>"
             f"<p class='note'>Ratios are each cell's best score on a task divided by the current best of the "
             f"reference cell {html.escape(reference_cell)} there ("
-            + html.escape(", ".join(f"{task}: {value:.4g}" for task, value in reference_best.items()
+            + html.escape(", ".join(f"{task}: perplexity {1 / value:.1f}" if task == "ptb" and value > 0
+                                    else f"{task}: {value:.4g}" for task, value in reference_best.items()
                                     if isinstance(value, float) and not math.isnan(value)))
-            + "); the score is the minimum ratio over tasks. Only cells that passed every filter are listed.</p>"
-            + _table_html(shown) + f"<p>All {len(leaderboard)} cells: {_link('leaderboard.csv')}</p>")
+            + "; PTB's score is 1/perplexity, so a PTB ratio is the reference's perplexity over the cell's); the "
+            "score is the minimum ratio over tasks. Only cells that passed every filter are listed.</p>"
+            + _table_html(shown, reference_cell) + f"<p>All {len(leaderboard)} cells: {_link('leaderboard.csv')}</p>")
         step("leaderboard")
 
         # Best score against evaluations spent.
@@ -333,9 +379,10 @@ def _write_report(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None 
         step("best score curve")
 
         # Distribution of per-task ratios.
-        ratios = pd.concat([pd.DataFrame({"task": task, "hash": cells["hash"], "ratio": cells[f"ratio_{task}"]})
+        ratios = pd.concat([pd.DataFrame({"task": task, "cell_hash": cells["cell_hash"],
+                                          "ratio": cells[f"ratio_{task}"]})
                             for task in tasks], ignore_index=True)
-        ratios = ratios[ratios["ratio"].notna() & (ratios["hash"] != run.reference_hash)]
+        ratios = ratios[ratios["ratio"].notna() & (ratios["cell_hash"] != run.reference_hash)]
         ratios.to_csv(out / "ratios.csv", index=False)
         _plot_ratios(ratios, tasks, reference_cell, out / "ratios.png")
         files += ["ratios.csv", "ratios.png"]
@@ -356,7 +403,7 @@ def _write_report(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None 
         top_cells = leaderboard.head(drawn)
         blocks = []
         for row in top_cells.itertuples(index=False):
-            spec = run.spec(row.hash)
+            spec = run.spec(row.cell_hash)
             stem = f"cells/{row.rank:02d}-{row.short_hash}"
             spec.draw(out / f"{stem}.png")
             (out / f"{stem}.txt").write_text(spec.equations() + "\n", encoding="utf-8")
@@ -364,21 +411,21 @@ def _write_report(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None 
             title = f"#{row.rank} {_label(row)} (score {row.score:.4g}, {row.nodes} nodes)"
             blocks.append(f"<div class='cell'><h3>{html.escape(title)}</h3>"
                           f"<pre>{html.escape(spec.equations())}</pre>{_image(stem + '.png', title)}"
-                          f"<p class='note'>hash {html.escape(row.hash)} · {_link(stem + '.txt', 'equations')}</p>"
+                          f"<p class='note'>hash {html.escape(row.cell_hash)} · {_link(stem + '.txt', 'equations')}</p>"
                           "</div>")
             step(f"cell #{row.rank} {_label(row)} drawn")
         sections.append("<h2>Top cells</h2>" + ("".join(blocks) or "<p>No cell has been scored on every task yet.</p>"))
 
         # Lineage of the best cells.
         # Seed cells have no lineage to show: trace the best cells made by mutation.
-        best_hashes = list(leaderboard.loc[leaderboard["parent"].notna(), "hash"].head(lineages))
+        best_hashes = list(leaderboard.loc[leaderboard["parent_hash"].notna(), "cell_hash"].head(lineages))
         lineage = lineage_table(run, best_hashes)
         lineage.to_csv(out / "lineage.csv", index=False)
         files.append("lineage.csv")
         parts = []
         for rank, group in lineage.groupby("rank", sort=True):
             shown_lineage = group[["depth", "ancestor", "step_created", "score", "mutation"]]
-            parts.append(f"<h3>{html.escape(group['cell'].iloc[0])}</h3>" + _table_html(shown_lineage))
+            parts.append(f"<h3>{html.escape(group['cell_hash'].iloc[0][:12])}</h3>" + _table_html(shown_lineage))
         sections.append("<h2>Lineage of the best cells</h2><p class='note'>From the seed cell (depth 0) to the cell, "
                         "with the mutation that made each step.</p>"
                         + ("".join(parts) or "<p>No candidate has been scored on every task yet.</p>")

@@ -23,7 +23,8 @@ from cellsearch.config import from_mapping
 from cellsearch.errors import UserError
 from cellsearch.scoring import PARTIAL_STATUSES, cell_score, task_ratio
 from cellsearch.search.confirmation import confirm, pairs_by_task
-from cellsearch.search.storage import CELLS, EVALUATIONS, PARAMETER_WIDTH, POPULATION, PROMOTIONS, RUN, STEPS, UNITS
+from cellsearch.search.storage import ARCHIVE_KEY, CELLS, EVALUATIONS, PARAMETER_WIDTH, POPULATION, PROMOTIONS, RUN, \
+    STATE, STEPS, UNITS
 
 __all__ = ["SearchRun", "load_run", "PARAMETER_WIDTH", "CONFIRMATION_COLUMNS", "PROMOTION_COLUMNS"]
 
@@ -33,6 +34,23 @@ PROMOTION_COLUMNS = ["reached", "promotion_score", "promoted", "stop_reason"]
 #: The columns :meth:`SearchRun.confirmations` adds to :meth:`SearchRun.cells`.
 CONFIRMATION_COLUMNS = ["confirmed", "confirm_ratio", "confirm_low", "confirm_high", "confirm_task", "confirm_pairs",
                         "score_mean", "score_spread"]
+
+
+def describe_mutation(mutation_json: Any) -> tuple[str, str]:
+    """``(operators, detail)`` of a stored mutation record: ``("", "seed cell")`` for a cell without one."""
+    if not isinstance(mutation_json, str):
+        return "", "seed cell"
+    record = json.loads(mutation_json)
+    try:
+        from cellsearch.mutation import Mutation
+
+        operations = Mutation.from_dict(record).operations
+        return ("+".join(operation.kind for operation in operations),
+                "; ".join(f"{operation.kind}: {operation.describe()}" for operation in operations))
+    except Exception:  # noqa: BLE001 - an older or foreign record: show its operations as stored
+        stored = record.get("operations", ())
+        return ("+".join(str(op.get("kind", "?")) if isinstance(op, dict) else "?" for op in stored),
+                "; ".join(str(operation) for operation in stored))
 
 
 def load_run(path: str | Path) -> "SearchRun":
@@ -77,6 +95,48 @@ class SearchRun:
     def close(self) -> None:
         self.engine.dispose()
 
+    def archive(self, target: str | Path, force: bool = False) -> Path:
+        """Write a small, read-only copy of the run to directory ``target``: a run directory whose ``run.db`` is a
+        SQLite file holding the search's own tables (cells, steps, units, evaluations with their learning curves,
+        population, promotions), without Optuna's tables.
+
+        Everything that reads a run works on it (:func:`load_run`, ``cellsearch top``, ``show``, ``export``,
+        ``report``), wherever it is moved or cloned, from SQLite or PostgreSQL runs alike; a search cannot be
+        resumed from it (its driver refuses: the Optuna studies are not there). ``target`` must be missing,
+        empty or an earlier archive (``force`` replaces anything else). This is what a results directory commits
+        so that a reference run can be re-reported from a fresh clone.
+        """
+        import shutil
+
+        from cellsearch.outputs import replaced_directory
+        from cellsearch.search.storage import metadata, sqlite_url
+
+        target = Path(target)
+        present = [table for table in metadata.sorted_tables if sa.inspect(self.engine).has_table(table.name)]
+        with replaced_directory(target, "cellsearch archive", "archive directory", force=force) as staging:
+            engine = sa.create_engine(sqlite_url(staging / "run.db"))
+            try:
+                metadata.create_all(engine, tables=present)
+                with self.engine.connect() as source, engine.begin() as copy:
+                    for table in present:
+                        rows = source.execute(sa.select(table)).mappings()
+                        while chunk := [dict(row) for row in rows.fetchmany(5000)]:
+                            copy.execute(table.insert(), chunk)
+                    copy.execute(STATE.insert().values(key=ARCHIVE_KEY, value=1))
+                with engine.connect() as connection:
+                    connection.exec_driver_sql("VACUUM")
+            finally:
+                engine.dispose()
+            for name in ("config.yaml", "versions.json"):
+                if (self.path / name).is_file():
+                    shutil.copyfile(self.path / name, staging / name)
+            # the path is the archive's own run.db where it is written; a moved or cloned copy reads the run.db
+            # beside its run.json (cellsearch.search.run.read_run_info)
+            (staging / "run.json").write_text(json.dumps(
+                {"run_id": self.run_id, "storage": sqlite_url(target.resolve() / "run.db"), "archive": True},
+                indent=2) + "\n")
+        return target
+
     def _read(self, query: sa.Select) -> pd.DataFrame:
         with self.engine.connect() as connection:
             return pd.read_sql(query, connection)
@@ -98,47 +158,57 @@ class SearchRun:
         return pd.Series(float("nan"), index=list(self.tasks))
 
     def cells(self) -> pd.DataFrame:
-        """One row per proposed cell.
+        """One row per proposed cell, best score first; the columns are listed in the README's data dictionary.
 
-        Columns: ``hash``, ``short_hash``, ``name``, ``parent``, ``step_created``, ``nodes``,
-        ``params_per_width`` (parameter_count(H)/H^2 at H = :data:`PARAMETER_WIDTH` = 128: about the number
-        of H x H matrices of one layer), ``status``
-        (evaluating | population | evaluated | rejected), ``rejected_by`` (duplicate, memorize or the
-        task that stopped it), ``best_<task>`` and ``ratio_<task>`` per task, ``score`` (min ratio; NaN
-        unless evaluated on every task), ``evaluations``. Sorted by score, best first. ``attrs`` holds
-        the reference cell's current best per task.
+        Identity and lineage: ``cell_hash``, ``short_hash``, ``name``, ``parent_hash``, ``mutation`` (the
+        operators that made it from its parent, e.g. ``swap_activation``), ``mutation_detail`` (what they
+        changed), ``step_created``, ``nodes``, ``params_per_width`` (parameter_count(H)/H^2 at H =
+        :data:`PARAMETER_WIDTH` = 128: about the number of H x H matrices of one layer). Outcome: ``status``
+        (evaluating | population | evaluated | rejected), ``rejected_by`` (duplicate, the filter task,
+        ``promotion`` or the task whose early stop ended it). Results: ``metric_<task>`` (the best held-out
+        metric over its settings: accuracy, 1/perplexity for ptb), ``perplexity_ptb`` (when ptb is a task),
+        ``ratio_<task>`` (metric / the reference cell's current best metric), ``score`` (min ratio; NaN unless
+        evaluated on every task), ``evaluations`` (settings trained). ``attrs`` holds the reference cell's
+        current best metric per task.
 
         How far each candidate got and why it stopped: ``reached`` (``filter``: stopped by the memorisation
         filter; ``rung``: trained only to the promotion rung; ``full``: trained at the full budget on at least
         one task; empty for a duplicate or a cell not yet trained), ``promotion_score`` and ``promoted`` (the
-        rung score and the decision, with ``promotion`` on) and ``stop_reason`` (one sentence).
+        rung score and the decision, with ``promotion`` on) and ``stop_reason`` (one sentence). Confirmation
+        (``confirm_seeds``): see :meth:`confirmations`.
         """
         c = CELLS.c
-        cells = self._read(sa.select(c.hash, c.name, c.parent_hash.label("parent"), c.step_created,
+        cells = self._read(sa.select(c.hash.label("cell_hash"), c.name, c.parent_hash, c.step_created,
                                      c.node_count.label("nodes"), c.params_per_width, c.status, c.rejected_by,
                                      c.duplicate_of, c.mutation_json))
-        cells["short_hash"] = cells["hash"].str[:12]
+        cells["short_hash"] = cells["cell_hash"].str[:12]
+        described = [describe_mutation(text) for text in cells["mutation_json"]]
+        cells["mutation"] = [operators for operators, _ in described]
+        cells["mutation_detail"] = [detail for _, detail in described]
         best = self.best_scores()
         reference = self.reference_best()
         tasks = list(self.tasks)
         # one definition of the ratio and the score (cellsearch.scoring), cell by cell
         ratios = pd.DataFrame({task: [task_ratio(value, reference.get(task)) for value in best[task]]
                                for task in tasks}, index=best.index, dtype=float)
-        per_task = pd.concat([best.add_prefix("best_"), ratios.add_prefix("ratio_")], axis="columns")
+        per_task = pd.concat([best.add_prefix("metric_"), ratios.add_prefix("ratio_")], axis="columns")
         counts = self._read(sa.select(EVALUATIONS.c.cell_hash, sa.func.count().label("evaluations"))
                             .group_by(EVALUATIONS.c.cell_hash))
         table = (cells
-                 .merge(per_task, left_on="hash", right_index=True, how="left")
-                 .merge(counts, left_on="hash", right_on="cell_hash", how="left").drop(columns=["cell_hash"]))
+                 .merge(per_task, left_on="cell_hash", right_index=True, how="left")
+                 .merge(counts, on="cell_hash", how="left"))
+        if "ptb" in self.config.all_tasks:
+            table["perplexity_ptb"] = [1.0 / value if value > 0 else float("nan") for value in table["metric_ptb"]]
         table["score"] = [cell_score(row) for row in table[[f"ratio_{task}" for task in tasks]].itertuples(index=False)]
         table["score"] = table["score"].astype(float)
         table["evaluations"] = table["evaluations"].fillna(0).astype(int)
-        table = table.merge(self.confirmations(), left_on="hash", right_index=True, how="left")
-        table = table.merge(self._progress_through_budgets(table), left_on="hash", right_index=True, how="left")
-        order = ["hash", "short_hash", "name", "parent", "step_created", "nodes", "params_per_width", "status",
-                 "rejected_by", "duplicate_of", *[f"best_{t}" for t in self.config.all_tasks],
-                 *[f"ratio_{t}" for t in tasks], "score", "evaluations", *PROMOTION_COLUMNS, *CONFIRMATION_COLUMNS,
-                 "mutation_json"]
+        table = table.merge(self.confirmations(), left_on="cell_hash", right_index=True, how="left")
+        table = table.merge(self._progress_through_budgets(table), left_on="cell_hash", right_index=True, how="left")
+        order = ["cell_hash", "short_hash", "name", "parent_hash", "mutation", "mutation_detail", "step_created",
+                 "nodes", "params_per_width", "status", "rejected_by", "duplicate_of",
+                 *[f"metric_{t}" for t in self.config.all_tasks],
+                 *(["perplexity_ptb"] if "ptb" in self.config.all_tasks else []),
+                 *[f"ratio_{t}" for t in tasks], "score", "evaluations", *PROMOTION_COLUMNS, *CONFIRMATION_COLUMNS]
         table = table[order].sort_values(["score", "step_created"], ascending=[False, True], na_position="last")
         table = table.reset_index(drop=True)
         table.attrs["reference_cell"] = self.config.reference_cell
@@ -151,14 +221,14 @@ class SearchRun:
         """One row per promotion decision (``promotion`` config), indexed by cell hash: ``step``, ``promotion_score``
         (the rung score: min over tasks of the ratio to the reference at the rung, as it stood then) and
         ``promoted``. Empty for a search without promotion (or a database from before it existed)."""
-        columns = ["hash", "step", "promotion_score", "promoted"]
+        columns = ["cell_hash", "step", "promotion_score", "promoted"]
         if not sa.inspect(self.engine).has_table(PROMOTIONS.name):
-            return pd.DataFrame(columns=columns).set_index("hash")
+            return pd.DataFrame(columns=columns).set_index("cell_hash")
         p = PROMOTIONS.c
-        table = self._read(sa.select(p.cell_hash.label("hash"), p.step, p.score.label("promotion_score"),
-                                     p.promoted).order_by(p.step))
+        table = self._read(sa.select(p.cell_hash, p.step, p.score.label("promotion_score"), p.promoted)
+                           .order_by(p.step))
         table["promoted"] = table["promoted"].astype("boolean")
-        return table.drop_duplicates("hash", keep="last").set_index("hash")
+        return table.drop_duplicates("cell_hash", keep="last").set_index("cell_hash")
 
     def _progress_through_budgets(self, cells: pd.DataFrame) -> pd.DataFrame:
         """``reached``, ``promotion_score``, ``promoted`` and ``stop_reason`` per cell (see :meth:`cells`)."""
@@ -173,7 +243,7 @@ class SearchRun:
         config = self.config
         rows = []
         for row in cells.itertuples(index=False):
-            cell = row.hash
+            cell = row.cell_hash
             score = promotions.at[cell, "promotion_score"] if cell in promotions.index else float("nan")
             promoted = promotions.at[cell, "promoted"] if cell in promotions.index else pd.NA
             # a rung setting that diverged keeps its status (diverged), so the decision says where a cell stopped
@@ -184,12 +254,12 @@ class SearchRun:
             if row.status == "evaluating":
                 reason = "being evaluated"
             elif rejected_by is None:
-                reason = "seed cell, trained on every task" if not isinstance(row.parent, str) \
+                reason = "seed cell, trained on every task" if not isinstance(row.parent_hash, str) \
                     else "passed every task"
             elif rejected_by == "duplicate":
                 reason = f"duplicate of {str(row.duplicate_of)[:12]}, not trained"
             elif rejected_by == config.memorize_task:
-                best = getattr(row, f"best_{rejected_by}", float("nan"))
+                best = getattr(row, f"metric_{rejected_by}", float("nan"))
                 reason = (f"{rejected_by} best {best:.3f} below the memorisation threshold "
                           f"{config.memorize_threshold:g}")
             elif rejected_by == "promotion":
@@ -200,9 +270,9 @@ class SearchRun:
                           f"(ratio now {getattr(row, f'ratio_{rejected_by}'):.3f})")
             else:
                 reason = f"stopped by {rejected_by}"
-            rows.append({"hash": cell, "reached": reached, "promotion_score": score, "promoted": promoted,
+            rows.append({"cell_hash": cell, "reached": reached, "promotion_score": score, "promoted": promoted,
                          "stop_reason": reason})
-        table = pd.DataFrame(rows, columns=["hash", *PROMOTION_COLUMNS]).set_index("hash")
+        table = pd.DataFrame(rows, columns=["cell_hash", *PROMOTION_COLUMNS]).set_index("cell_hash")
         table["promoted"] = table["promoted"].astype("boolean")
         table["promotion_score"] = table["promotion_score"].astype(float)
         return table
@@ -226,13 +296,13 @@ class SearchRun:
             ratio, task = outcome.ratio, outcome.worst_task
             candidate, reference = pairs.get(task, ([], []))
             per_seed = [c / r for c, r in zip(candidate, reference) if r > 0]
-            rows.append({"hash": step.cell_hash,
+            rows.append({"cell_hash": step.cell_hash,
                          "confirmed": outcome.confirmed if step.status == "done" else pd.NA,
                          "confirm_ratio": ratio.estimate, "confirm_low": ratio.low, "confirm_high": ratio.high,
                          "confirm_task": task, "confirm_pairs": len(candidate),
                          "score_mean": float(pd.Series(per_seed).mean()) if per_seed else float("nan"),
                          "score_spread": float(pd.Series(per_seed).std()) if len(per_seed) > 1 else float("nan")})
-        table = pd.DataFrame(rows, columns=["hash", *CONFIRMATION_COLUMNS]).set_index("hash")
+        table = pd.DataFrame(rows, columns=["cell_hash", *CONFIRMATION_COLUMNS]).set_index("cell_hash")
         table["confirmed"] = table["confirmed"].astype("boolean")
         return table
 
@@ -248,18 +318,26 @@ class SearchRun:
         return cells[passed].head(n).reset_index(drop=True)
 
     def evaluations(self) -> pd.DataFrame:
-        """One row per trained setting: cell, task, every hyperparameter, score, status, duration, node, ..."""
+        """One row per trained setting: ``cell_hash``, ``task``, ``trial_number``, ``seed``, ``metric`` (its best
+        held-out metric: accuracy, 1/perplexity for ptb; 0 for a setting that diverged or failed), ``perplexity``
+        (ptb rows), ``status``, every hyperparameter, timing, where it ran, and the held-out details
+        (``best_epoch``, ``valid_loss``, ``valid_accuracy`` or ``valid_perplexity``, ``test_*`` when asked for).
+        The README's data dictionary lists every column."""
         e = EVALUATIONS.c
-        rows = self._read(sa.select(e.id, e.unit_id, e.step, e.cell_hash.label("cell"), e.task, e.trial_number,
-                                    e.params_json, e.seed, e.score, e.status, e.duration_s, e.train_steps, e.epochs,
+        rows = self._read(sa.select(e.id, e.unit_id, e.step, e.cell_hash, e.task, e.trial_number,
+                                    e.params_json, e.seed, e.score.label("metric"), e.status, e.duration_s,
+                                    e.train_steps, e.epochs,
                                     e.node_id.label("node"), e.worker_pid, e.hostname, e.finished_at, e.metrics_json)
                           .order_by(e.id))
         params = pd.json_normalize([json.loads(text) for text in rows["params_json"]])
         params.index = rows.index
         metrics = pd.json_normalize([json.loads(text) if text else {} for text in rows["metrics_json"]])
         metrics.index = rows.index
-        table = pd.concat([rows.drop(columns=["params_json", "metrics_json"]), params,
-                           metrics.add_prefix("metric_")], axis="columns")
+        metrics = metrics.drop(columns=[c for c in metrics.columns if c in rows.columns or c in params.columns])
+        table = pd.concat([rows.drop(columns=["params_json", "metrics_json"]), params, metrics], axis="columns")
+        table.insert(table.columns.get_loc("metric") + 1, "perplexity",
+                     [1.0 / m if task == "ptb" and m > 0 else float("nan")
+                      for task, m in zip(table["task"], table["metric"])])
         table["finished_at"] = pd.to_datetime(table["finished_at"], unit="s", utc=True)
         return table
 
@@ -310,11 +388,11 @@ class SearchRun:
 
     def lineage(self, cell_hash: str) -> pd.DataFrame:
         """The cell and its ancestors, newest first, with the mutation that made each."""
-        cells = self.cells().set_index("hash")
+        cells = self.cells().set_index("cell_hash")
         chain = []
         current: str | None = self.resolve_hash(cell_hash)
         while current is not None and current in cells.index and current not in chain:
             chain.append(current)
-            parent = cells.at[current, "parent"]
+            parent = cells.at[current, "parent_hash"]
             current = parent if isinstance(parent, str) else None
         return cells.loc[chain].reset_index()

@@ -20,6 +20,13 @@ Operations (see :data:`OPS`):
     elementwise sum / product of two operands (commutative).
 ``sub``
     elementwise difference ``a - b`` of two operands (ordered).
+``scale``
+    one operand times a learned per-unit weight vector, elementwise (``p * v``; no
+    bias): the peephole of Gers & Schmidhuber's LSTM, ``p_i * c`` in the input
+    gate. Its vector counts in :meth:`CellSpec.parameter_count`.
+``one_minus``
+    ``1 - v`` of one operand, without a learned weight (the coupled gate of
+    Greff et al.'s CIFG variant, ``f = 1 - i``).
 
 Construction validates and normalises: names must be ASCII identifiers, the
 graph acyclic, every op has the right arity, every output is defined, nodes
@@ -33,7 +40,11 @@ Identity: :attr:`CellSpec.hash` is a canonical SHA-256 of the graph that does
 not change when nodes are renamed or when the operands of commutative ops
 (``add``, ``mul`` and the operands of a ``linear``) are reordered, and changes
 when anything else does. State names do not enter the hash either; states are
-identified by position (the first is the output).
+identified by position (the first is the output). The serialisation writes each
+node as ``op[constants](operands)``, so the ops added later (``scale``,
+``one_minus``) appear only in the serialisation of cells that use them: every
+cell written with the original ops keeps the hash it always had (the format
+version in the hashed text stays 1).
 
 The module is kept whole, above the project's usual length: validation,
 normalisation (pruning, the topological order) and the canonical hash are one
@@ -63,6 +74,9 @@ __all__ = [
     "OPS",
     "ACTIVATIONS",
     "ELEMENTWISE",
+    "SCALE",
+    "ONE_MINUS",
+    "LEARNED",
     "INPUT",
     "CellSpec",
     "CellSpecError",
@@ -73,11 +87,18 @@ __all__ = [
 INPUT = "x"
 ACTIVATIONS = ("tanh", "sigmoid", "relu", "identity")
 ELEMENTWISE = ("add", "sub", "mul")
+#: The learned per-unit weight (a peephole): ``p * v``.
+SCALE = "scale"
+#: ``1 - v``, no weight.
+ONE_MINUS = "one_minus"
 COMMUTATIVE = frozenset({"add", "mul", "linear"})
-OPS = ("linear",) + ACTIVATIONS + ELEMENTWISE
+OPS = ("linear",) + ACTIVATIONS + ELEMENTWISE + (SCALE, ONE_MINUS)
+#: Ops with learned parameters (the compiler gives each node of these its own module).
+LEARNED = frozenset({"linear", SCALE})
 #: op -> (minimum operands, maximum operands); None = unbounded
 ARITY: Mapping[str, tuple[int, int | None]] = MappingProxyType(
-    {"linear": (1, None), **{a: (1, 1) for a in ACTIVATIONS}, **{e: (2, 2) for e in ELEMENTWISE}}
+    {"linear": (1, None), **{a: (1, 1) for a in ACTIVATIONS}, **{e: (2, 2) for e in ELEMENTWISE},
+     SCALE: (1, 1), ONE_MINUS: (1, 1)}
 )
 #: Hard cap that protects every layer from hostile or runaway graphs; the mutation
 #: engine has its own, much smaller, configurable size limit.
@@ -323,11 +344,13 @@ class CellSpec:
         return frozenset(nx.descendants(self.to_networkx(), name))
 
     def parameter_count(self, hidden_size: int) -> int:
-        """Learned parameters of one cell of width ``hidden_size`` (matrices and biases)."""
+        """Learned parameters of one cell of width ``hidden_size`` (matrices, biases and ``scale`` vectors)."""
         total = 0
         for node in self.nodes.values():
             if node.op == "linear":
                 total += len(node.inputs) * hidden_size * hidden_size + hidden_size
+            elif node.op == SCALE:
+                total += hidden_size
         return total
 
     def replace(self, **changes: Any) -> "CellSpec":
@@ -466,9 +489,10 @@ class CellSpec:
         """Graphviz DOT text of the graph."""
         return render.to_dot(self)
 
-    def draw(self, path: str | Path) -> Path:
-        """Draw the graph to a PNG file with matplotlib."""
-        return render.draw_png(self, Path(path))
+    def draw(self, path: str | Path, engine: str = "auto") -> Path:
+        """Draw the graph to a PNG file: with Graphviz's ``dot`` where it is installed, else with matplotlib
+        (see :func:`cellsearch.render.draw_png`)."""
+        return render.draw_png(self, Path(path), engine=engine)
 
 
 # ---------------------------------------------------------------------- hashing

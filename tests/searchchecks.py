@@ -132,7 +132,7 @@ def assert_search_consistent(database: str | Path, run_dir: Path, max_steps: int
     try:
         steps, units, cells = results.steps(), results.units(), results.cells()
         changes = results.population_changes()
-        specs = {cell_hash: results.spec(cell_hash) for cell_hash in cells["hash"]}
+        specs = {cell_hash: results.spec(cell_hash) for cell_hash in cells["cell_hash"]}
     finally:
         results.close()
     assert (steps["kind"] != "seed").sum() == max_steps
@@ -153,7 +153,7 @@ def assert_search_consistent(database: str | Path, run_dir: Path, max_steps: int
     # a setting without a usable score (diverged, out of memory, an error) is a FAIL trial, a pruned one PRUNED
     failed = {"error", "diverged", "oom"}
     for _, _, cell, task, number, _, _, score, status in rows:
-        trial = trials[(f"{cell}/{task}", number)]
+        trial = trials[(readable_study_name(run_dir, cell, task), number)]
         if status in failed:
             assert trial.state == optuna.trial.TrialState.FAIL, (cell, task, number, status, trial.state)
         elif status in ("pruned", "rung"):
@@ -167,7 +167,7 @@ def assert_search_consistent(database: str | Path, run_dir: Path, max_steps: int
     # In commit order: steps finish out of order (asynchronous evolution), so not by step number.
     for change in changes.sort_values("at", kind="stable").itertuples():
         (replayed.add if change.action == "enter" else replayed.discard)(change.cell_hash)
-    by_status = set(cells.loc[cells["status"] == "population", "hash"])
+    by_status = set(cells.loc[cells["status"] == "population", "cell_hash"])
     config = from_mapping(SearchConfig, load_yaml(run_dir / "config.yaml"))
     storage = RunStorage(url)
     try:
@@ -182,14 +182,24 @@ def assert_search_consistent(database: str | Path, run_dir: Path, max_steps: int
     # The duplicate detector: replaying the proposals in order, a cell stored as a duplicate is one, and
     # every other cell was new when it was proposed.
     dedup = Deduplicator()
-    for cell in cells.sort_values(["step_created", "hash"]).itertuples():
-        check = dedup.check(specs[cell.hash])
+    for cell in cells.sort_values(["step_created", "cell_hash"]).itertuples():
+        check = dedup.check(specs[cell.cell_hash])
         if cell.rejected_by == "duplicate":
-            assert not check.is_new and cell.duplicate_of in specs, cell.hash
+            assert not check.is_new and cell.duplicate_of in specs, cell.cell_hash
         else:
-            assert check.is_new, (cell.hash, check)
-            dedup.add(specs[cell.hash])
+            assert check.is_new, (cell.cell_hash, check)
+            dedup.add(specs[cell.cell_hash])
     return rows
+
+
+def readable_study_name(run_dir: Path, cell_hash: str, task: str) -> str:
+    """The Optuna study of a cell on a task in the run in ``run_dir``: ``gru/xml`` for an initial cell, the short
+    hash for others (checked against the rule written out here, not the driver's function)."""
+    from cellsearch import zoo
+    from cellsearch.config import load_yaml
+
+    initial = {zoo.get(name).hash: name for name in load_yaml(run_dir / "config.yaml")["initial_cells"]}
+    return f"{initial.get(cell_hash, cell_hash[:12])}/{task}"
 
 
 def serial_search(run_dir: Path, config: dict) -> Path:

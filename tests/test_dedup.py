@@ -246,7 +246,8 @@ def _with_parameter_free_copy(spec: CellSpec, rng: np.random.Generator) -> CellS
     # A node read once would leave its original unused (and pruned): same graph.
     counts = {i: sum(1 for _, _, j in slots if j == i) + sum(1 for v in spec.outputs.values() if v == i)
               for _, _, i in slots}
-    readers = [(user, slot) for user, slot, i in slots if spec.nodes[i].op != "linear" and counts[i] > 1]
+    # linear and scale nodes hold learned parameters: a copy of one is another parameter, not the same value
+    readers = [(user, slot) for user, slot, i in slots if spec.nodes[i].op not in ("linear", "scale") and counts[i] > 1]
     if not readers:
         return None
     user, slot = readers[int(rng.integers(len(readers)))]

@@ -140,6 +140,26 @@ def test_transient_errors_are_retried_then_reported_in_one_line(tmp_path):
     refused.close()
 
 
+def test_a_database_that_cannot_be_opened_is_not_a_full_disk(tmp_path):
+    # SQLite's "unable to open database file" (its directory removed or moved away, a path it cannot use) once
+    # read as a full disk: exit 74 and "after freeing space". It is its own error, with its own remedy.
+    from cellsearch.search.storage import StorageCannotOpen, is_storage_full
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    storage = RunStorage(sqlite_url(run_dir / "run.db"), create=True, retry_s=1.0, log=lambda message: None)
+    storage.engine.dispose()
+    shutil.rmtree(run_dir)
+    with pytest.raises(StorageCannotOpen) as caught:
+        storage.active_steps()
+    error = caught.value
+    assert error.exit_status == 73 and not is_storage_full(error.__cause__)
+    assert "unable to open database file" in str(error) and "space" not in f"{error} {error.remedy}"
+    assert "absolute path" in error.remedy
+    with pytest.raises(StorageCannotOpen):  # a new database in a directory that does not exist: the same
+        RunStorage(sqlite_url(tmp_path / "missing" / "run.db"), create=True, retry_s=1.0)
+
+
 def test_urls_are_stored_without_passwords_and_completed_from_the_environment():
     stored = redact_url("postgresql+psycopg2://alice:s3cret@db.example:5433/search?sslmode=require")
     assert stored == "postgresql+psycopg2://alice@db.example:5433/search?sslmode=require"

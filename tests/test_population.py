@@ -70,7 +70,7 @@ def test_driver_tables_and_report_agree_on_a_stored_run(tmp_path):
         storage.close()
     run = load_run(tmp_path / "run")
     try:
-        table = run.cells().set_index("hash")
+        table = run.cells().set_index("cell_hash")
         for cell_hash in cells:
             expected = score_of(best, cell_hash, gru, config.tasks)
             got = table.at[cell_hash, "score"]

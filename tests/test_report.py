@@ -96,7 +96,7 @@ def test_report_has_every_artefact_and_only_local_links(search_run, retrain_dir,
     assert len(curve) == evaluations and curve["best_score"].dropna().is_monotonic_increasing
     filters = pd.read_csv(out / "filters.csv").set_index("filter")["cells"]
     candidates = filters["candidates proposed by mutation"]
-    assert candidates == cells["parent"].notna().sum() > 0
+    assert candidates == cells["parent_hash"].notna().sum() > 0
     assert candidates == (filters["duplicates (skipped)"] + filters["failed memorisation (memorize)"]
                           + filters["stopped at arithmetic"] + filters["stopped at xml"]
                           + filters["still being evaluated"] + filters["passed every task"])
@@ -116,10 +116,10 @@ def test_retrain_sources_from_a_run(search_run):
         top = run.top(2)
     finally:
         run.close()
-    best = resolve_source(f"{search_run}:{top['hash'].iloc[0][:10]}")
-    assert [cell.spec.hash for cell in best] == [top["hash"].iloc[0]]
+    best = resolve_source(f"{search_run}:{top['cell_hash'].iloc[0][:10]}")
+    assert [cell.spec.hash for cell in best] == [top["cell_hash"].iloc[0]]
     two = resolve_source(str(search_run), top=2)
-    assert [cell.spec.hash for cell in two] == list(top["hash"])
+    assert [cell.spec.hash for cell in two] == list(top["cell_hash"])
     assert two[0].label.startswith("top01-")
     with pytest.raises(UserError, match="--top N"):
         resolve_source(str(search_run))

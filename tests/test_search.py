@@ -19,6 +19,7 @@ from cellsearch.search.driver import SearchDriver, stages_for
 from cellsearch.search.executors import SerialExecutor
 from cellsearch.search.run import create_run, open_run, task_loader
 from cellsearch.search.storage import EVALUATIONS, UNITS
+from searchchecks import readable_study_name
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -66,9 +67,9 @@ def trained(run_dir: Path) -> pd.DataFrame:
         table = results.evaluations()
     finally:
         results.close()
-    columns = ["step", "cell", "task", "trial_number", "seed", "score", "status", "init_scale", "learning_rate",
+    columns = ["step", "cell_hash", "task", "trial_number", "seed", "metric", "status", "init_scale", "learning_rate",
                "max_grad_norm", "num_layers", "parameter_budget", "dropout"]
-    return table[columns].sort_values(["step", "cell", "task", "trial_number"]).reset_index(drop=True)
+    return table[columns].sort_values(["step", "cell_hash", "task", "trial_number"]).reset_index(drop=True)
 
 
 # ------------------------------------------------------------------------------------------------ config
@@ -178,10 +179,10 @@ def test_serial_search_records_everything(reference_run):
         results.close()
     assert (steps["kind"] != "seed").sum() == 6 and (steps["status"] == "done").all()
     # Every trained setting is distinct within its cell and task (Optuna never repeats one).
-    settings = evaluations[["cell", "task", "init_scale", "learning_rate", "max_grad_norm", "num_layers",
+    settings = evaluations[["cell_hash", "task", "init_scale", "learning_rate", "max_grad_norm", "num_layers",
                             "parameter_budget", "dropout"]]
     assert not settings.duplicated().any()
-    assert not evaluations.duplicated(["cell", "task", "trial_number"]).any()
+    assert not evaluations.duplicated(["cell_hash", "task", "trial_number"]).any()
     # Seeds: K settings per task; their ratios to the reference are 1 for the GRU itself.
     gru = cells[cells["name"] == "gru"].iloc[0]
     assert gru["score"] == pytest.approx(1.0)
@@ -191,18 +192,18 @@ def test_serial_search_records_everything(reference_run):
     assert set(rejected["rejected_by"]) <= {"duplicate", "memorize", "arithmetic", "xml"}
     # A candidate stopped by a task has no evaluations on the tasks after it.
     for row in rejected[rejected["rejected_by"] == "arithmetic"].itertuples():
-        assert pd.isna(row.best_xml)
+        assert pd.isna(row.metric_xml)
     # The population never exceeds its size, and matches the replay of its changes.
     members = set()
     for change in changes.itertuples():
         (members.add if change.action == "enter" else members.discard)(change.cell_hash)
         assert len(members) <= 3
-    assert members == set(cells.loc[cells["status"] == "population", "hash"])
+    assert members == set(cells.loc[cells["status"] == "population", "cell_hash"])
     # Scores come from the reference's current best.
     reference = cells.attrs["reference_best"]
-    assert reference["arithmetic"] == pytest.approx(gru["best_arithmetic"])
+    assert reference["arithmetic"] == pytest.approx(gru["metric_arithmetic"])
     scored = cells.dropna(subset=["score"])
-    expected = scored[["best_arithmetic", "best_xml"]].div(pd.Series(reference)[["arithmetic", "xml"]].values).min(
+    expected = scored[["metric_arithmetic", "metric_xml"]].div(pd.Series(reference)[["arithmetic", "xml"]].values).min(
         axis=1)
     assert scored["score"].to_numpy() == pytest.approx(expected.to_numpy())
 
@@ -215,14 +216,14 @@ def test_optuna_sees_readable_studies_and_trial_states(reference_run):
 
     results = load_run(reference_run)
     try:
-        evaluations, cells = results.evaluations(), results.cells().set_index("hash")
+        evaluations, cells = results.evaluations(), results.cells().set_index("cell_hash")
     finally:
         results.close()
     url = f"sqlite:///{reference_run / 'run.db'}"
     expected_state = {"ok": TrialState.COMPLETE, "timeout": TrialState.COMPLETE, "pruned": TrialState.PRUNED,
                       "diverged": TrialState.FAIL, "oom": TrialState.FAIL, "error": TrialState.FAIL}
-    for (cell, task), rows in evaluations.groupby(["cell", "task"]):
-        study = optuna.load_study(study_name=f"{cell}/{task}", storage=url)
+    for (cell, task), rows in evaluations.groupby(["cell_hash", "task"]):
+        study = optuna.load_study(study_name=readable_study_name(reference_run, cell, task), storage=url)
         attrs = study.user_attrs
         assert attrs["cell"] == (cells.at[cell, "name"] if isinstance(cells.at[cell, "name"], str) else cell[:12])
         assert attrs["task"] == task and attrs["cell_hash"] == cell and " = " in attrs["equations"]
@@ -232,7 +233,7 @@ def test_optuna_sees_readable_studies_and_trial_states(reference_run):
             trial = trials[row.trial_number]
             assert trial.state == expected_state[row.status] and trial.user_attrs["status"] == row.status
             if trial.state == TrialState.COMPLETE:
-                assert trial.value == pytest.approx(row.score)
+                assert trial.value == pytest.approx(row.metric)
 
 
 def test_same_seed_same_search(reference_run, tmp_path):
@@ -241,6 +242,8 @@ def test_same_seed_same_search(reference_run, tmp_path):
 
 
 def test_resume_after_abandon_continues_the_same_search(reference_run, tmp_path):
+    import optuna
+
     run_dir = tmp_path / "interrupted"
     run_serial(tiny_config(), run_dir, stop_after_units=11)
     engine = sa.create_engine(f"sqlite:///{run_dir / 'run.db'}")
@@ -248,10 +251,22 @@ def test_resume_after_abandon_continues_the_same_search(reference_run, tmp_path)
         committed = connection.execute(sa.select(sa.func.count()).select_from(EVALUATIONS)).scalar_one()
         pending = connection.execute(sa.select(sa.func.count()).select_from(UNITS).where(
             UNITS.c.status == "pending")).scalar_one()
+        # as a run made before study names were readable: <64-digit hash>/<task>; the resume renames them, once
+        hashes = [row[0] for row in connection.execute(sa.text("SELECT hash FROM cs_cells"))]
+        for cell_hash in hashes:
+            for task in ("memorize", "arithmetic", "xml"):
+                connection.execute(sa.text("UPDATE studies SET study_name = :old WHERE study_name = :new"),
+                                   {"old": f"{cell_hash}/{task}", "new": readable_study_name(run_dir, cell_hash, task)})
+        connection.commit()
+        legacy = {row[0] for row in connection.execute(sa.text("SELECT study_name FROM studies"))}
     engine.dispose()
     assert committed == 11 and pending > 0
+    assert legacy and all(len(name.partition("/")[0]) == 64 for name in legacy)
     run_serial(tiny_config(), run_dir)
     pd.testing.assert_frame_equal(trained(reference_run), trained(run_dir))
+    names = set(optuna.get_all_study_names(storage=f"sqlite:///{run_dir / 'run.db'}"))
+    assert {"gru/arithmetic", "lstm/xml"} <= names and not any(len(name.partition("/")[0]) == 64 for name in names)
+    assert names == set(optuna.get_all_study_names(storage=f"sqlite:///{reference_run / 'run.db'}"))
 
 
 HALVING = {"settings_per_task": 3, "settings_per_unit": 3, "max_steps": 4,
@@ -286,13 +301,15 @@ def test_successive_halving_prunes_settings_and_tells_optuna(tmp_path):
     assert (scored.loc[scored["status"] == "ok", "train_steps"] == 10).all()
     # The best per cell and task ignores pruned settings.
     kept = evaluations[evaluations["status"] != "pruned"]
-    best = kept.groupby(["cell", "task"])["score"].max()
-    for row in cells.dropna(subset=["best_arithmetic"]).itertuples():
-        assert row.best_arithmetic == pytest.approx(best[(row.hash, "arithmetic")])
+    best = kept.groupby(["cell_hash", "task"])["metric"].max()
+    for row in cells.dropna(subset=["metric_arithmetic"]).itertuples():
+        assert row.metric_arithmetic == pytest.approx(best[(row.cell_hash, "arithmetic")])
     # Optuna: one trial per setting, PRUNED or COMPLETE, with the curve's steps as intermediate values.
     url = f"sqlite:///{tmp_path / 'halving' / 'run.db'}"
     for row in evaluations.head(12).itertuples():
-        trial = optuna.load_study(study_name=f"{row.cell}/{row.task}", storage=url).trials[row.trial_number]
+        study = optuna.load_study(study_name=readable_study_name(tmp_path / "halving", row.cell_hash, row.task),
+                                  storage=url)
+        trial = study.trials[row.trial_number]
         expected = {"pruned": TrialState.PRUNED, "diverged": TrialState.FAIL}.get(row.status, TrialState.COMPLETE)
         assert trial.state == expected, (row.status, trial.state)
         if row.status != "diverged":
@@ -317,7 +334,7 @@ def test_candidates_above_the_reference_are_confirmed_on_paired_fresh_seeds(tmp_
     progress = run_serial(config, tmp_path / "confirm")
     results = load_run(tmp_path / "confirm")
     try:
-        steps, cells, evaluations = results.steps(), results.cells().set_index("hash"), results.evaluations()
+        steps, cells, evaluations = results.steps(), results.cells().set_index("cell_hash"), results.evaluations()
     finally:
         results.close()
     assert (steps["kind"].isin(["mutate", "reevaluate"])).sum() == 8  # max_steps counts search steps only
@@ -328,15 +345,15 @@ def test_candidates_above_the_reference_are_confirmed_on_paired_fresh_seeds(tmp_
     assert set(confirms["outcome"]) <= {"confirmed", "not_confirmed"} and (confirms["status"] == "done").all()
     assert progress.beat_reference == len(above)
     assert progress.confirmed == (confirms["outcome"] == "confirmed").sum()
-    gru = evaluations.loc[evaluations["step"] < 2, "cell"].iloc[0]  # step 0 is the reference's seed step
+    gru = evaluations.loc[evaluations["step"] < 2, "cell_hash"].iloc[0]  # step 0 is the reference's seed step
     for step in confirms.itertuples():
         rows = evaluations[evaluations["step"] == step.step]
-        assert set(rows["cell"]) == {step.cell_hash, gru}
+        assert set(rows["cell_hash"]) == {step.cell_hash, gru}
         for task, per_task in rows.groupby("task"):
             # the same seeds for both cells, one setting per cell (its best), three seeds
-            seeds_of = per_task.groupby("cell")["seed"].apply(lambda s: tuple(sorted(s)))
+            seeds_of = per_task.groupby("cell_hash")["seed"].apply(lambda s: tuple(sorted(s)))
             assert seeds_of.nunique() == 1 and len(seeds_of.iloc[0]) == 3
-            assert per_task.groupby("cell")["learning_rate"].nunique().eq(1).all()
+            assert per_task.groupby("cell_hash")["learning_rate"].nunique().eq(1).all()
         expected = confirm(pairs_by_task(rows.to_dict("records"), step.cell_hash, gru), config.tasks)
         assert bool(cells.at[step.cell_hash, "confirmed"]) == expected.confirmed == (step.outcome == "confirmed")
         assert cells.at[step.cell_hash, "confirm_ratio"] == pytest.approx(expected.ratio.estimate)
@@ -379,7 +396,7 @@ def test_promotion_across_candidates(tmp_path):
     assert_search_consistent(tmp_path / "promotion", tmp_path / "promotion", max_steps=10)
     results = load_run(tmp_path / "promotion")
     try:
-        evaluations, cells, steps = results.evaluations(), results.cells().set_index("hash"), results.steps()
+        evaluations, cells, steps = results.evaluations(), results.cells().set_index("cell_hash"), results.steps()
         curves = results._read(sa.select(EVALUATIONS.c.cell_hash, EVALUATIONS.c.task, EVALUATIONS.c.trial_number,
                                          EVALUATIONS.c.curve_json))
     finally:
@@ -406,7 +423,7 @@ def test_promotion_across_candidates(tmp_path):
         row = cells.loc[cell]
         assert bool(row["promoted"]) == (trial.state == TrialState.COMPLETE)
         outcome = steps.loc[steps["step"] == trial.user_attrs["step"], "outcome"].item()
-        mine = evaluations[(evaluations["cell"] == cell) & evaluations["task"].isin(config.tasks)]
+        mine = evaluations[(evaluations["cell_hash"] == cell) & evaluations["task"].isin(config.tasks)]
         at_rung = mine[mine["trial_number"] < 2]  # the rung stage asked each task's first two trials
         full = mine[mine["trial_number"] >= 2]
         if trial.state == TrialState.PRUNED:
@@ -425,9 +442,9 @@ def test_promotion_across_candidates(tmp_path):
                 assert [p["score"] for p in prefix] == [p["score"] for p in curves[(cell, task, short.trial_number)]]
     # the best per cell and task ignores rung evaluations
     kept = evaluations[~evaluations["status"].isin(["rung", "pruned"])]
-    best = kept.groupby(["cell", "task"])["score"].max()
+    best = kept.groupby(["cell_hash", "task"])["metric"].max()
     for cell, row in cells.iterrows():
-        assert row["best_arithmetic"] == pytest.approx(best.get((cell, "arithmetic"), float("nan")), nan_ok=True)
+        assert row["metric_arithmetic"] == pytest.approx(best.get((cell, "arithmetic"), float("nan")), nan_ok=True)
     # interrupted twice (mid-rung and later), resumed: the same search
     run_serial(config, tmp_path / "interrupted", stop_after_units=12)
     run_serial(config, tmp_path / "interrupted", stop_after_units=30)
@@ -501,12 +518,13 @@ def test_a_failing_unit_is_recorded_and_the_search_goes_on(tmp_path):
     finally:
         results.close()
     xml = evaluations[evaluations["task"] == "xml"]
-    assert len(xml) > 0 and (xml["status"] == "error").all() and (xml["score"] == 0).all()
+    assert len(xml) > 0 and (xml["status"] == "error").all() and (xml["metric"] == 0).all()
     assert (evaluations.loc[evaluations["task"] != "xml", "status"] != "error").all()
     assert (steps["status"] == "done").all()
     import optuna
 
-    study = optuna.load_study(study_name=f"{xml['cell'].iloc[0]}/xml", storage=f"sqlite:///{tmp_path / 'r' / 'run.db'}")
+    study = optuna.load_study(study_name=readable_study_name(tmp_path / "r", xml["cell_hash"].iloc[0], "xml"),
+                              storage=f"sqlite:///{tmp_path / 'r' / 'run.db'}")
     assert {t.state for t in study.get_trials()} == {optuna.trial.TrialState.FAIL}
 
 
@@ -520,12 +538,12 @@ def test_children_start_from_their_parents_best_settings(tmp_path):
     names = ["init_scale", "learning_rate", "max_grad_norm", "num_layers", "parameter_budget", "dropout"]
     checked = 0
     for step in steps[steps["kind"] == "mutate"].itertuples():
-        child = evaluations[(evaluations["cell"] == step.cell_hash) & (evaluations["task"] == "arithmetic")]
+        child = evaluations[(evaluations["cell_hash"] == step.cell_hash) & (evaluations["task"] == "arithmetic")]
         if child.empty:
             continue  # stopped by the memorisation filter or a duplicate
-        parent = evaluations[(evaluations["cell"] == step.parent_hash) & (evaluations["task"] == "arithmetic")
+        parent = evaluations[(evaluations["cell_hash"] == step.parent_hash) & (evaluations["task"] == "arithmetic")
                              & (evaluations["step"] < step.step)]
-        best = parent.sort_values(["score", "trial_number"], ascending=[False, True]).iloc[0]
+        best = parent.sort_values(["metric", "trial_number"], ascending=[False, True]).iloc[0]
         first = child.sort_values("trial_number").iloc[0]
         assert first[names].tolist() == best[names].tolist()
         checked += 1

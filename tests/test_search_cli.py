@@ -53,12 +53,20 @@ def test_smoke_search_end_to_end(smoke_run):
     assert (steps["kind"] != "seed").sum() == 2 and (steps["status"] == "done").all()
     seeds = evaluations[evaluations["step"] < 2]
     # K = 3 settings per task for each seed cell, on every task including ptb.
-    assert seeds.groupby(["cell", "task"]).size().to_dict() == {
-        (cell, task): 3 for cell in seeds["cell"].unique() for task in ("arithmetic", "xml", "ptb")}
+    assert seeds.groupby(["cell_hash", "task"]).size().to_dict() == {
+        (cell, task): 3 for cell in seeds["cell_hash"].unique() for task in ("arithmetic", "xml", "ptb")}
     assert (evaluations["node"] != "local").all()  # ran on Ray workers
-    assert not evaluations.duplicated(["cell", "task", "trial_number"]).any()
+    assert not evaluations.duplicated(["cell_hash", "task", "trial_number"]).any()
+    # one vocabulary: the raw task value is `metric` (PTB's perplexity beside it), the ratio only in cells()
+    ptb = evaluations[(evaluations["task"] == "ptb") & (evaluations["metric"] > 0)]
+    assert len(ptb) and ptb["perplexity"].to_numpy() == pytest.approx((1 / ptb["metric"]).to_numpy())
+    assert evaluations.loc[evaluations["task"] != "ptb", "perplexity"].isna().all()
     assert cells.loc[cells["name"] == "gru", "score"].item() == pytest.approx(1.0)
-    assert {"best_ptb", "ratio_ptb", "params_per_width", "nodes", "parent", "step_created"} <= set(cells.columns)
+    assert {"metric_ptb", "perplexity_ptb", "ratio_ptb", "params_per_width", "nodes", "parent_hash", "mutation",
+            "mutation_detail", "step_created"} <= set(cells.columns)
+    assert not {"hash", "parent", "mutation_json", "best_ptb"} & set(cells.columns)
+    mutated = cells[cells["parent_hash"].notna() & (cells["rejected_by"] != "duplicate")]
+    assert len(mutated) and mutated["mutation"].str.len().gt(0).all()
 
 
 def test_top_show_export(smoke_run, tmp_path):
@@ -68,9 +76,9 @@ def test_top_show_export(smoke_run, tmp_path):
     table = pd.read_csv(io.StringIO(top_csv.stdout))
     assert 1 <= len(table) <= 2 and table["score"].is_monotonic_decreasing
     top_json = cellsearch("top", str(run_dir), "--json")
-    assert json.loads(top_json.stdout)[0]["hash"] == table["hash"][0]
+    assert json.loads(top_json.stdout)[0]["cell_hash"] == table["cell_hash"][0]
 
-    shown = cellsearch("show", str(run_dir), table["hash"][0][:10], "--png", str(tmp_path / "cell.png"))
+    shown = cellsearch("show", str(run_dir), table["cell_hash"][0][:10], "--png", str(tmp_path / "cell.png"))
     assert shown.returncode == 0, shown.stderr
     for part in ("lineage", "results", "arithmetic", "ptb", "h' ="):
         assert part in shown.stdout
@@ -80,7 +88,7 @@ def test_top_show_export(smoke_run, tmp_path):
     assert exported.returncode == 0, exported.stderr
     files = sorted((tmp_path / "out").glob("*.json"))
     assert len(files) == len(table)
-    assert CellSpec.load(files[0]).hash == table["hash"][0]
+    assert CellSpec.load(files[0]).hash == table["cell_hash"][0]
 
 
 def test_cli_rejects_bad_input(tmp_path, smoke_run):

@@ -17,7 +17,7 @@ import pytest
 import sqlalchemy
 
 from cellsearch.results import load_run
-from searchchecks import fresh_postgres_database, needs_postgres
+from searchchecks import fresh_postgres_database, needs_postgres, readable_study_name
 from cellsearch.search.storage import redact_url
 
 REPO = Path(__file__).resolve().parents[1]
@@ -52,14 +52,14 @@ def test_smoke_search_on_postgres(tmp_path, database, ray_address, ptb_dir):
     assert cells.loc[cells["name"] == "gru", "score"].item() == pytest.approx(1.0)
     # The Optuna studies live in the same PostgreSQL database (what optuna-dashboard would browse).
     studies = optuna.get_all_study_summaries(optuna.storages.RDBStorage(database))
-    assert {s.study_name for s in studies} == {f"{c}/{t}" for c, t in evaluations[["cell", "task"]].drop_duplicates()
-                                               .itertuples(index=False)}
+    pairs = evaluations[["cell_hash", "task"]].drop_duplicates().itertuples(index=False)
+    assert {s.study_name for s in studies} == {readable_study_name(run_dir, c, t) for c, t in pairs}
     # Both spellings of the URL work for Optuna's own tools (optuna-dashboard takes the URL a user typed): the
     # plain postgresql:// one goes through psycopg 3, which the `postgres` extra installs beside psycopg2.
     plain = sqlalchemy.engine.make_url(database).set(drivername="postgresql").render_as_string(hide_password=False)
     assert set(optuna.get_all_study_names(storage=plain)) == {s.study_name for s in studies}
     # PTB trials carry the perplexity people read (the objective stays 1/perplexity, named so).
-    ptb = optuna.load_study(study_name=f"{cells.loc[cells['name'] == 'gru', 'hash'].item()}/ptb", storage=plain)
+    ptb = optuna.load_study(study_name="gru/ptb", storage=plain)
     assert ptb.metric_names == ["1/perplexity (held-out)"]
     complete = [t for t in ptb.trials if t.state == optuna.trial.TrialState.COMPLETE]
     assert complete and all(t.user_attrs["perplexity"] == pytest.approx(1 / t.value) for t in complete)

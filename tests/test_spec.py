@@ -329,12 +329,22 @@ def test_equations_read_like_the_paper():
     assert "x_act = tanh(x)" in mut1 and "z = sigmoid(W_xz x + b_z)" in mut1
 
 
-def test_dot_and_png(tmp_path):
+@pytest.mark.parametrize("engine", ["graphviz", "matplotlib"])
+def test_dot_and_png(tmp_path, engine):
+    import shutil
+    import struct
+
     spec = zoo.get("lstm")
     dot = spec.to_dot()
     assert dot.startswith("digraph") and "c_new -> out_c;" in dot
-    path = spec.draw(tmp_path / "lstm.png")
-    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "{ rank=min; x h c; }" in dot and "{ rank=max; out_h out_c; }" in dot  # inputs below, states on top
+    if engine == "graphviz" and shutil.which("dot") is None:
+        pytest.skip("Graphviz's dot is not installed (apt-get install graphviz)")
+    path = spec.draw(tmp_path / "lstm.png", engine=engine)
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    width, height = struct.unpack(">II", data[16:24])
+    assert height > width > 200  # a tall layered drawing, not a thumbnail
 
 
 def test_reference_cell_structure():

@@ -193,7 +193,8 @@ def test_cli_samples_settings_and_prints_a_table(tmp_path, capsys):
 @pytest.mark.parametrize(
     "arguments, message",
     [
-        (["--set", "momentum=0.9"], "unknown key 'momentum'; hyperparameters: dropout, init_scale, learning_rate"),
+        (["--set", "momentum=0.9"],
+         "unknown key 'momentum'; hyperparameters: dropout, dropout_mode, init_scale, layer_norm, learning_rate"),
         (["--set", "learning_rate=-1"], "learning_rate: -1.0 is out of range"),
         (["--set", "max_steps"], "--set expects KEY=VALUE"),
         (["--task", "chess"], "unknown task 'chess'"),

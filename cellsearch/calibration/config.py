@@ -120,7 +120,9 @@ class StudyConfig:
         None, "budgets under study; the one with the most steps is the reference unless reference_budget says",
         factory=tuple)
     reference_budget: str | None = option(None, "the budget others are compared with (null: the most steps)")
-    zoo_cells: tuple[str, ...] | None = option(None, "reference cells trained (null: every cell of cellsearch.zoo)")
+    zoo_cells: tuple[str, ...] | None = option(
+        None, "reference cells trained (null: the 11 cells of Jozefowicz et al., cellsearch.zoo.PAPER_CELLS; Greff "
+        "et al.'s family by name)")
     cell_files: tuple[str, ...] = option((), "further cells from .yaml/.json files", factory=tuple)
     mutated_cells: int = option(19, "cells drawn by mutating zoo cells (zoo + 19 = the 30 the issue asks for)",
                                 check=lambda n: 0 <= n <= 10_000, rule="0..10000")
@@ -157,7 +159,7 @@ class StudyConfig:
         from cellsearch import zoo
 
         for name in tuple(self.zoo_cells or ()) + tuple(self.mutation_parents):
-            if name not in zoo.names():
+            if not zoo.known(name):
                 raise ConfigError(f"{name!r} is not a reference cell; known: {', '.join(zoo.names())}")
         if self.mutated_cells and not self.mutation_parents:
             raise ConfigError("mutation_parents: empty, but mutated_cells asks for mutated cells")

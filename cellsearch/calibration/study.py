@@ -89,7 +89,7 @@ def study_cells(config: StudyConfig) -> list[StudyCell]:
         cells.append(cell)
         return True
 
-    for name in config.zoo_cells if config.zoo_cells is not None else zoo.names():
+    for name in config.zoo_cells if config.zoo_cells is not None else zoo.PAPER_CELLS:
         add(StudyCell(zoo.get(name), name, "zoo"))
     for path in config.cell_files:
         try:

@@ -32,7 +32,7 @@ def run(args: argparse.Namespace) -> int:
             names = []
             for rank, row in enumerate(top.itertuples(index=False), start=1):
                 name = f"{rank:02d}-{row.short_hash}.{args.format}"
-                results.spec(row.hash).save(staging / name)
+                results.spec(row.cell_hash).save(staging / name)
                 names.append((name, row.score))
     finally:
         results.close()

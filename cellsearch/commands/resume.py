@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from cellsearch.commands.search import add_execution_arguments, check_execution_arguments, run_search
 
@@ -19,8 +18,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from cellsearch.commands._common import user_path
     from cellsearch.search.run import open_run
 
     check_execution_arguments(args)
-    config, storage = open_run(args.run_dir, max_steps=args.max_steps)
-    return run_search(config, storage, Path(args.run_dir), args)
+    run_dir = user_path(args.run_dir, "RUN_DIR")  # the same directory for the lock, the database and Ray's workers
+    config, storage = open_run(run_dir, max_steps=args.max_steps)
+    return run_search(config, storage, run_dir, args)

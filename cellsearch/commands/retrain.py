@@ -64,6 +64,7 @@ def run(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace, bar) -> int:
     # Imported here, not at the top: every command module is imported to build the parser, and the retrain
     # library imports torch and Ray's executors (seconds), which ``cellsearch --help`` should not wait for.
+    from cellsearch.commands._common import user_path
     from cellsearch.retrain import RetrainOptions, resolve_source, retrain, summary_markdown
     from cellsearch.search.executors import attaches
 
@@ -75,7 +76,8 @@ def _run(args: argparse.Namespace, bar) -> int:
     check_device(args.device, here=args.in_process or not attaches(args.address))
     cells = resolve_source(args.source, args.top)
     baselines = [name.strip() for name in args.baselines.split(",") if name.strip()]
-    out_dir = args.out or f"retrain-{args.task}-{args.preset}"
+    # absolute against the directory the command ran in (inside a `ray job submit` job a relative one is refused)
+    out_dir = user_path(args.out or f"retrain-{args.task}-{args.preset}", "--out")
 
     started = [False]
 

@@ -101,41 +101,67 @@ def print_top(run_dir: Path, n: int = 10) -> None:
         results.close()
     print(f"\ntop {min(n, len(top))} cells (score = min over tasks of best / current {results.config.reference_cell} "
           f"best; {results.config.reference_cell} best: "
-          + ", ".join(f"{task} {value:.4f}" for task, value in reference.items()) + ")")
+          + ", ".join(f"{task} perplexity {1 / value:.1f}" if task == "ptb" and value > 0
+                      else f"{task} {value:.4f}" for task, value in reference.items()) + ")")
     if top.empty:
         print("(no cell has been evaluated on every task yet)")
         return
-    columns = ["short_hash", "name", "status", "step_created", "nodes", *[f"best_{t}" for t in results.tasks],
-               "score"]
+    # each task's best metric (PTB as people read it: perplexity)
+    per_task = ["perplexity_ptb" if t == "ptb" else f"metric_{t}" for t in results.tasks]
+    columns = ["short_hash", "name", "status", "step_created", "nodes", *per_task, "score"]
     if top["confirmed"].notna().any():  # a run with confirm_seeds: the paired re-evaluation of cells above 1
         columns += ["confirmed", "confirm_ratio", "confirm_low", "confirm_high"]
     table = top[columns].assign(name=top["name"].fillna("-"))
     print(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
 
 
-def run_search(config, storage, run_dir: Path, args: argparse.Namespace) -> int:
-    """Drive a created or reopened run to its end and print the summary (shared with ``resume``)."""
-    from cellsearch.search.run import drive, make_executor
+#: Exit status of a search that ran to its end but cannot report success: units lost after every retry (they
+#: re-run on resume; EX_TEMPFAIL), or a reference cell without a score (EX_SOFTWARE: no score means anything).
+LOST_UNITS_EXIT = 75
+NO_REFERENCE_EXIT = 70
+
+
+def run_search(config, storage, run_dir: Path, args: argparse.Namespace, executor=None) -> int:
+    """Drive a created or reopened run to its end and print the summary (shared with ``resume``).
+
+    ``executor``: one made (and its cluster checked) before the run directory was created; else made here.
+    The exit status says whether the search can report success (see :func:`cellsearch.search.run.run_outcome`):
+    0, 130 (stopped), :data:`LOST_UNITS_EXIT`, :data:`NO_REFERENCE_EXIT`, or the status of the error that
+    stopped it (the database's, :class:`~cellsearch.search.executors.ClusterBroken`'s).
+    """
+    from cellsearch.search.executors import ClusterBroken
+    from cellsearch.search.run import drive, make_executor, run_outcome
     from cellsearch.search.storage import StorageError
 
     log = lambda message: print(message, file=sys.stderr)  # noqa: E731
     counts = storage.counts()
     bar = ProgressBar(config.max_steps, counts["search_steps_done"], enabled=not args.no_progress)
     try:
-        executor = make_executor(config, args.executor, workers=args.workers, address=args.address)
+        if executor is None:
+            executor = make_executor(config, args.executor, workers=args.workers, address=args.address)
         progress, stop_mode = drive(config, storage, executor, on_progress=bar, log=log)
-    except StorageError as error:
-        # The database stopped the search (low space, failed write, unreachable): one line and its own status.
+        broken = getattr(executor, "broken", None)  # the driver may have stopped waiting before it was raised
+        if broken is not None:
+            raise broken
+        outcome = run_outcome(config, storage) if stop_mode is None else None
+    except (StorageError, ClusterBroken) as error:
+        # The database or the cluster stopped the search (low space, failed write, unreachable; nodes that cannot
+        # run units): one line and its own status.
         bar.close()
+        remedy = getattr(error, "remedy", "once every node can run units")
         print(f"cellsearch {args.command}: stopped: {error}; resume with `cellsearch resume {run_dir}` "
-              f"{error.remedy}", file=sys.stderr)
+              f"{remedy}", file=sys.stderr)
         return error.exit_status
     finally:
         bar.close()
         storage.close()
     print(f"run directory: {run_dir}")
-    print(f"steps {progress.steps_done}, units {progress.units_done}, evaluations {progress.evaluations}, "
+    errors = f" ({outcome.errors} failed with an error, scored 0)" if outcome is not None and outcome.errors else ""
+    print(f"steps {progress.steps_done}, units {progress.units_done}, evaluations {progress.evaluations}{errors}, "
           f"cells evaluated {progress.cells_evaluated}")
+    if config.promotion.enabled:
+        print(f"candidates measured at the promotion rung: {progress.rung_measured}, promoted to the "
+              f"full budget: {progress.promoted}")
     if config.confirm_seeds:
         print(f"candidates above {config.reference_cell} when evaluated: {progress.beat_reference}, confirmed on "
               f"fresh paired seeds: {progress.confirmed}")
@@ -146,32 +172,64 @@ def run_search(config, storage, run_dir: Path, args: argparse.Namespace) -> int:
     if stop_mode is not None:
         print(f"\nstopped before the end; continue with: cellsearch resume {run_dir}")
         return 130
+    if outcome.lost_units:
+        # lost to system failures after every retry (a node lost again and again): not results, and not done
+        print(f"cellsearch {args.command}: incomplete: {outcome.lost_units} units could not run after every retry "
+              f"(lost workers or nodes, see the log above); they re-run with `cellsearch resume {run_dir}`",
+              file=sys.stderr)
+        return LOST_UNITS_EXIT
+    if outcome.reference_missing:
+        print(f"cellsearch {args.command}: failed: the reference cell {config.reference_cell} has no score on "
+              f"{', '.join(outcome.reference_missing)} (every evaluation of it failed or scored 0), so no cell's "
+              f"score means anything; see the errors above and `cellsearch show`", file=sys.stderr)
+        return NO_REFERENCE_EXIT
     return 0
 
 
 def run(args: argparse.Namespace) -> int:
+    from cellsearch.commands._common import in_ray_job, user_path
+    from cellsearch.errors import UserError
     from cellsearch.search.config import load_search_config
-    from cellsearch.search.run import create_run
+    from cellsearch.search.executors import attaches
+    from cellsearch.search.run import create_run, make_executor, task_loader
 
     config = load_search_config(args.config).with_overrides(storage=args.storage, seed=args.seed,
                                                             max_steps=args.max_steps)
     check_execution_arguments(args)
-    if args.run_dir:
-        run_dir = Path(args.run_dir)
-        config, storage = create_run(config, run_dir)
-    else:
-        run_dir, made = default_run_dir(Path(args.config).stem)
-        try:
+    run_dir_given = user_path(args.run_dir, "--run-dir") if args.run_dir else None
+    if run_dir_given is None and in_ray_job():
+        raise UserError("give --run-dir with an absolute path: this command runs as a Ray job, and the default "
+                        "runs/... would land in the job's working directory, a temporary copy that Ray deletes")
+    executor = None
+    if args.executor == "ray" and attaches(args.address):
+        # Attach and check every node (cellsearch version, token) before anything is created: a refused cluster
+        # leaves no run directory behind. The tasks are read from the config create_run resolves below.
+        resolved: dict[str, object] = {}
+        executor = make_executor(config, args.executor, address=args.address,
+                                 load_task=lambda name: task_loader(resolved["config"])(name))
+    try:
+        if run_dir_given is not None:
+            run_dir = run_dir_given
             config, storage = create_run(config, run_dir)
-        except BaseException:
-            for directory in made:  # a refused start leaves no empty run directory (nor runs/) behind
-                try:
-                    directory.rmdir()
-                except OSError:
-                    break
-            raise
+        else:
+            run_dir, made = default_run_dir(Path(args.config).stem, parent=user_path("runs", "runs/"))
+            try:
+                config, storage = create_run(config, run_dir)
+            except BaseException:
+                for directory in made:  # a refused start leaves no empty run directory (nor runs/) behind
+                    try:
+                        directory.rmdir()
+                    except OSError:
+                        break
+                raise
+    except BaseException:
+        if executor is not None:
+            executor.close()
+        raise
+    if executor is not None:
+        resolved["config"] = config
     print(f"run directory: {run_dir}", file=sys.stderr)
-    return run_search(config, storage, run_dir, args)
+    return run_search(config, storage, run_dir, args, executor=executor)
 
 
 def default_run_dir(stem: str, now: datetime | None = None, parent: Path = Path("runs")) -> tuple[Path, list[Path]]:

@@ -52,7 +52,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _show_searched(args: argparse.Namespace) -> int:
-    import json
     import math
 
     from cellsearch.results import load_run
@@ -64,7 +63,7 @@ def _show_searched(args: argparse.Namespace) -> int:
         if args.dot:
             print(spec.to_dot(), end="")
             return 0
-        cells = results.cells().set_index("hash")
+        cells = results.cells().set_index("cell_hash")
         row = cells.loc[cell_hash]
         _print_spec(spec, row["name"] if isinstance(row["name"], str) else row["short_hash"], args)
         status = row["status"] + (f" (by {row['rejected_by']})" if isinstance(row["rejected_by"], str) else "")
@@ -73,15 +72,15 @@ def _show_searched(args: argparse.Namespace) -> int:
               "on every task)")
         print(f"\nresults (ratio = best / current best of {results.config.reference_cell}):")
         evaluations = results.evaluations()
-        mine = evaluations[evaluations["cell"] == cell_hash]
-        summary = mine.groupby("task").agg(settings=("score", "size"), best=("score", "max"),
-                                           median=("score", "median"), ok=("status", lambda s: int((s == "ok").sum())))
+        mine = evaluations[evaluations["cell_hash"] == cell_hash]
+        summary = mine.groupby("task").agg(settings=("metric", "size"), best=("metric", "max"),
+                                           median=("metric", "median"),
+                                           ok=("status", lambda s: int((s == "ok").sum())))
         summary["ratio"] = [row.get(f"ratio_{task}", float("nan")) for task in summary.index]
         print(summary.to_string(float_format=lambda v: f"{v:.4f}") if not summary.empty else "(no evaluations)")
         print("\nlineage (newest first):")
         for ancestor in results.lineage(cell_hash).itertuples(index=False):
-            mutation = json.loads(ancestor.mutation_json) if isinstance(ancestor.mutation_json, str) else None
-            made = _describe_mutation(mutation) if mutation else "initial cell"
+            made = ancestor.mutation_detail if isinstance(ancestor.parent_hash, str) else "initial cell"
             score = "-" if math.isnan(ancestor.score) else f"{ancestor.score:.4f}"
             label = ancestor.name if isinstance(ancestor.name, str) else ancestor.short_hash
             print(f"  {label:<14} step {ancestor.step_created:<5} score {score:<8} {made}")
@@ -89,11 +88,3 @@ def _show_searched(args: argparse.Namespace) -> int:
         results.close()
     return 0
 
-
-def _describe_mutation(record: dict) -> str:
-    try:
-        from cellsearch.mutation import Mutation
-
-        return Mutation.from_dict(record).describe().replace("\n", "; ")
-    except Exception:  # an older or foreign record: show its operations as stored
-        return "; ".join(str(op) for op in record.get("operations", ()))

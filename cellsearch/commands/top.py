@@ -28,7 +28,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     results = load_run(args.run_dir)
     try:
-        top = results.top(args.n).drop(columns=["mutation_json"])
+        top = results.top(args.n)
     finally:
         results.close()
     if args.csv:

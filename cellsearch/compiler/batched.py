@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 from cellsearch.compiler.codegen import _NAMESPACE, SOURCE_NAMES, LayerPlan
-from cellsearch.compiler.module import CellLayer, CellRNN, _recorder
+from cellsearch.compiler.module import CellLayer, CellRNN, _recorder, dropout_mask
 from cellsearch.spec import CellSpec
 
 __all__ = [
@@ -55,6 +55,7 @@ __all__ = [
     "stack_members",
     "member_state",
     "member_dropout",
+    "member_masks",
     "take_members",
     "check_member_count",
     "check_generators",
@@ -230,15 +231,25 @@ class BatchedCellRNN(nn.Module):
     only. Dropout between layers (training mode) draws member ``k``'s masks from ``generators[k]``
     (like ``CellRNN``; torch's default generator when ``generators`` is None), so that a member sees
     the masks it would see alone. Parameters start at zero: build from trained or initialised
-    members with :meth:`from_members`.
+    members with :meth:`from_members`. ``dropout_mode`` and ``layer_norm`` are ``CellRNN``'s; with
+    variational dropout member ``k``'s per-sequence masks come from ``generators[k]`` in the order
+    ``CellRNN`` draws them.
     """
 
     def __init__(self, spec: CellSpec, members: int, input_size: int, hidden_size: int, num_layers: int = 1,
-                 dropout: float = 0.0, generators: Sequence[torch.Generator] | None = None) -> None:
+                 dropout: float = 0.0, generators: Sequence[torch.Generator] | None = None, *,
+                 dropout_mode: str = "standard", layer_norm: bool = False) -> None:
         super().__init__()
         # the template's own initial values are discarded: a private generator leaves the global RNG alone
-        template = CellRNN(spec, input_size, hidden_size, num_layers, dropout, generator=torch.Generator())
+        template = CellRNN(spec, input_size, hidden_size, num_layers, dropout, generator=torch.Generator(),
+                           dropout_mode=dropout_mode, layer_norm=layer_norm)
         template.generator = None
+        self.dropout_mode = template.dropout_mode
+        self.layer_norm = template.layer_norm
+        self.variational = template.variational
+        self.masked_plans = template.masked_plans
+        self._masked_functions = (tuple(compile_batched(p) for p in self.masked_plans)
+                                  if self.masked_plans is not None else None)
         self.members = check_member_count(members)
         self.spec = spec
         self.input_size = template.input_size
@@ -257,14 +268,15 @@ class BatchedCellRNN(nn.Module):
                      generators: Sequence[torch.Generator] | None = None) -> "BatchedCellRNN":
         """One batched module holding the weights of ``rnns`` (same cell, sizes, layers and dropout)."""
         first = rnns[0]
+        shape = lambda r: (r.spec.hash, r.input_size, r.hidden_size, r.num_layers, r.dropout,  # noqa: E731
+                           r.dropout_mode, r.layer_norm)
         for rnn in rnns[1:]:
-            if (rnn.spec.hash, rnn.input_size, rnn.hidden_size, rnn.num_layers, rnn.dropout) != (
-                first.spec.hash, first.input_size, first.hidden_size, first.num_layers, first.dropout
-            ):
-                raise ValueError("BatchedCellRNN.from_members: members must share cell, sizes, layers and dropout")
+            if shape(rnn) != shape(first):
+                raise ValueError("BatchedCellRNN.from_members: members must share cell, sizes, layers, dropout "
+                                 "(probability and mode) and layer_norm")
         reference = _first_parameter(first)
         batched = cls(first.spec, len(rnns), first.input_size, first.hidden_size, first.num_layers, first.dropout,
-                      generators)
+                      generators, dropout_mode=first.dropout_mode, layer_norm=first.layer_norm)
         if reference is not None:
             batched.to(device=reference.device, dtype=reference.dtype)
         stack_members(batched, rnns)
@@ -274,7 +286,7 @@ class BatchedCellRNN(nn.Module):
         """Member ``index`` as a separate ``CellRNN`` (a copy of its weights)."""
         reference = _first_parameter(self)
         rnn = CellRNN(self.spec, self.input_size, self.hidden_size, self.num_layers, self.dropout,
-                      generator=torch.Generator())
+                      generator=torch.Generator(), dropout_mode=self.dropout_mode, layer_norm=self.layer_norm)
         rnn.generator = None  # like a CellRNN built without one: dropout from the default generator
         if reference is not None:
             rnn.to(device=reference.device, dtype=reference.dtype)
@@ -285,7 +297,10 @@ class BatchedCellRNN(nn.Module):
                 tokens: torch.Tensor | None = None) -> tuple[torch.Tensor, Any]:
         """Run the members; with ``tokens`` (T, B), ``input`` is a per-member table ``(K, rows, input_size)``
         and the first layer reads its rows at ``tokens`` (see :func:`table_source`; an embedding's table)."""
+        variational = self.variational and self.training
         if tokens is not None:
+            if variational:
+                raise ValueError("BatchedCellRNN: a table input cannot take variational dropout on the input")
             if (input.dim() != 3 or input.shape[0] != self.members or input.shape[-1] != self.input_size
                     or tokens.dim() != 2):
                 raise ValueError(f"BatchedCellRNN: expected a table (K={self.members}, rows, {self.input_size}) "
@@ -307,17 +322,31 @@ class BatchedCellRNN(nn.Module):
         record = _recorder(time_dim, batched=True)
         finals = []
         layer_input = input
-        for index, (layer, plan, function) in enumerate(zip(self.layers, self.plans, (first, *self._functions[1:]))):
-            weights, biases = _layer_tensors(layer, plan)
-            sizes = tuple(tuple(unit * self.hidden_size for unit in units) for units in plan.split_units)
+        plans, functions = self.plans, (first, *self._functions[1:])
+        if variational:
+            plans, functions = self.masked_plans, self._masked_functions
+        hidden = self.hidden_size
+        for index, (layer, plan, function) in enumerate(zip(self.layers, plans, functions)):
+            masks = None
+            if variational:
+                # (K, B, width) per sequence, broadcast over time (dim 1): member k's from generators[k]
+                layer_input = layer_input * self._masks((batch, layer_input.shape[-1]), input).unsqueeze(1)
+                masks = {self.spec.states[0]: self._masks((batch, hidden), input)}
+            weights, biases = _layer_tensors(layer, plan, masks)
+            sizes = tuple(tuple(unit * hidden for unit in units) for units in plan.split_units)
             states = tuple(s[:, index] for s in initial)
-            output, final = function(layer_input, states, weights, biases, sizes, self.hidden_size, time_dim, record)
+            output, final = function(layer_input, states, weights, biases, sizes, hidden, time_dim, record)
             finals.append(final)
-            if self.dropout and self.training and index < self.num_layers - 1:
+            if self.dropout and self.training and index < self.num_layers - 1 and not variational:
                 output = member_dropout(output, self.dropout, self.generators)
             layer_input = output
+        if variational:
+            output = output * self._masks((batch, hidden), input).unsqueeze(1)
         stacked = tuple(torch.stack([final[i] for final in finals], 1) for i in range(len(self.spec.states)))
         return output, (stacked[0] if len(stacked) == 1 else stacked)
+
+    def _masks(self, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+        return member_masks(shape, self.dropout, like.dtype, like.device, self.generators, self.members)
 
     def _initial_state(self, state: Any, batch: int, input: torch.Tensor) -> tuple[torch.Tensor, ...]:
         count = len(self.spec.states)
@@ -333,11 +362,13 @@ class BatchedCellRNN(nn.Module):
     def take(self, indices: Sequence[int]) -> "BatchedCellRNN":
         """A new module with only the members at ``indices`` (weights copied)."""
         return take_members(self, indices, lambda count, generators: BatchedCellRNN(
-            self.spec, count, self.input_size, self.hidden_size, self.num_layers, self.dropout, generators))
+            self.spec, count, self.input_size, self.hidden_size, self.num_layers, self.dropout, generators,
+            dropout_mode=self.dropout_mode, layer_norm=self.layer_norm))
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
         state["_functions"] = None
+        state["_masked_functions"] = None
         state["_table_function"] = None
         state["spec"] = self.spec.to_dict()
         return state
@@ -347,6 +378,8 @@ class BatchedCellRNN(nn.Module):
         self.spec = CellSpec.from_dict(state["spec"])
         self._functions = tuple(compile_batched(p) for p in self.plans)
         self._table_function = compile_table(self.plans[0])
+        self._masked_functions = (tuple(compile_batched(p) for p in self.masked_plans)
+                                  if self.masked_plans is not None else None)
 
     def extra_repr(self) -> str:
         return (f"cell={self.spec.name or self.spec.short_hash}, members={self.members}, input_size={self.input_size}, "
@@ -360,17 +393,21 @@ def _with_table(function: Callable, lead: tuple[int, ...], tokens: torch.Tensor)
     return layer
 
 
-def _layer_tensors(layer: CellLayer, plan: LayerPlan) -> tuple[tuple, tuple]:
-    """The plan's concatenated matrices ``(K, width, columns)`` and biases ``(K, 1, columns)``."""
+def _layer_tensors(layer: CellLayer, plan: LayerPlan,
+                   masks: dict[str, torch.Tensor] | None = None) -> tuple[tuple, tuple]:
+    """The plan's concatenated matrices ``(K, width, columns)`` and vectors ``(K, 1, columns)``.
+
+    ``masks`` (state -> ``(K, B, hidden)``) fill the plan's ``mask`` slots; they are per row, not
+    broadcast over rows, and go in as they are.
+    """
     weights = []
     for slots in plan.weights:
         matrices = [layer.node(s.node).weight(s.operand) for s in slots]
         weights.append((matrices[0] if len(matrices) == 1 else torch.cat(matrices, 1)).transpose(1, 2).contiguous())
-    biases = []
-    for names in plan.biases:
-        vectors = [layer.node(n).bias for n in names]
-        biases.append((vectors[0] if len(vectors) == 1 else torch.cat(vectors, 1)).unsqueeze(1))
-    return tuple(weights), tuple(biases)
+    vectors = []
+    for vector, slots in zip(layer.vectors(plan, masks), plan.vectors):
+        vectors.append(vector if slots[0].param == "mask" else vector.unsqueeze(1))
+    return tuple(weights), tuple(vectors)
 
 
 def check_generators(generators: Sequence[torch.Generator] | None, members: int) -> tuple[torch.Generator, ...] | None:
@@ -399,6 +436,15 @@ def member_dropout(values: torch.Tensor, probability: float,
         mask = torch.empty(values.shape[1:], dtype=values.dtype, device=generator.device)
         masks.append(mask.bernoulli_(keep, generator=generator).div_(keep).to(values.device))
     return values * torch.stack(masks)
+
+
+def member_masks(shape: tuple[int, ...], probability: float, dtype: torch.dtype, device: torch.device,
+                 generators: Sequence[torch.Generator] | None, members: int) -> torch.Tensor:
+    """``(K, *shape)`` dropout masks: member ``k``'s drawn from ``generators[k]`` as ``CellRNN`` draws its own
+    (:func:`~cellsearch.compiler.module.dropout_mask`), or all at once from torch's default generator."""
+    if generators is None:
+        return dropout_mask((members, *shape), probability, dtype, device, None)
+    return torch.stack([dropout_mask(shape, probability, dtype, device, g) for g in generators])
 
 
 def take_members(module: nn.Module, indices: Sequence[int], build: Callable[[int, Any], nn.Module]) -> nn.Module:

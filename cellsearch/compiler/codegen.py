@@ -23,6 +23,16 @@ and two patterns become one op each: ``p + z*(q - p)`` (the GRU update) is ``ler
 ``p + u*v`` is ``addcmul``. Linear nodes whose operand sets differ (``mut3``'s ``z`` reads
 ``tanh(h)``, its ``r`` reads ``h``) are separate multiplies of the same stage.
 
+Peepholes, layer normalisation, recurrent dropout. A ``scale`` node (a learned per-unit vector)
+is ``mul(v, u)`` with its vector bound before the loop; ``one_minus`` is :func:`one_minus`. With
+``layer_norm`` every linear node's output is normalised over its ``hidden`` units and then scaled
+by a learned gain and shifted by the node's bias (Ba et al., 2016): the pre-normalisation sums
+carry no bias (the plan asks for zero vectors in its place), and each step group's columns are
+normalised block by block in one call (:func:`block_layer_norm`) right after the group's
+multiply, before any activation. With ``state_mask`` the linear nodes' reads of the first state
+(the recurrent weights) read it times a per-sequence mask (variational dropout, Gal & Ghahramani
+2016); the state itself, as elementwise ops carry it on, is not dropped.
+
 Security: the generated source is assembled only from the fixed templates in this
 module, filled with integers (variable indices, argument positions). No node or
 state name, op string or constant from a spec ever enters the source: values are
@@ -40,9 +50,10 @@ from typing import Callable
 
 import torch
 
-from cellsearch.spec import INPUT, CellSpec
+from cellsearch.spec import INPUT, SCALE, CellSpec
 
-__all__ = ["LayerPlan", "build_plan", "compile_plan", "PROJECTED_INPUT", "ELEMENTWISE_TEMPLATES", "SOURCE_NAMES"]
+__all__ = ["LayerPlan", "VectorSlot", "build_plan", "compile_plan", "block_layer_norm", "PROJECTED_INPUT",
+           "ELEMENTWISE_TEMPLATES", "SOURCE_NAMES", "LAYER_NORM_EPS"]
 
 #: Internal name of the learned input projection ``input_size -> hidden_size`` used by the
 #: first layer's non-linear reads of ``x``; the ``:`` makes it impossible as a spec name.
@@ -56,10 +67,32 @@ ELEMENTWISE_TEMPLATES = {
     "add": "add({0}, {1})",
     "sub": "sub({0}, {1})",
     "mul": "mul({0}, {1})",
+    "one_minus": "one_minus({0})",
 }
+#: A ``scale`` node: its operand times its vector (``u`` local or ``b[k]``, filled in by the plan).
+SCALE_TEMPLATE = "mul({0}, {1})"
+#: Layer normalisation's epsilon (PyTorch's default for ``nn.LayerNorm``).
+LAYER_NORM_EPS = 1e-5
 #: Fused forms of common patterns (see :func:`_combine_elementwise`).
 COMBINED_TEMPLATES = {"lerp": "lerp({0}, {1}, {2})", "addcmul": "addcmul({0}, {1}, {2})"}
 _ACTIVATION_RANK = {"sigmoid": 0, "tanh": 1, "relu": 2}  # column-block order inside a step group
+
+def one_minus(values: torch.Tensor) -> torch.Tensor:
+    """``1 - values`` (a function, so that no number but an integer index ever appears in generated source)."""
+    return torch.rsub(values, 1)
+
+
+def block_layer_norm(values: torch.Tensor, hidden: int, gain: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """Layer normalisation of every ``hidden``-wide column block of ``values`` (one linear node each).
+
+    ``values`` is ``(..., rows, blocks * hidden)``; each block of each row is normalised to mean 0 and
+    variance 1 (biased variance, epsilon :data:`LAYER_NORM_EPS`), then multiplied by ``gain`` and shifted
+    by ``shift`` (both ``blocks * hidden`` wide, broadcast over rows).
+    """
+    blocks = values.unflatten(-1, (-1, hidden))
+    normed = torch.nn.functional.layer_norm(blocks, (hidden,), eps=LAYER_NORM_EPS).flatten(-2)
+    return torch.addcmul(shift, normed, gain)
+
 
 #: The namespace the generated code runs in: every free name the templates use.
 _NAMESPACE = {
@@ -74,6 +107,8 @@ _NAMESPACE = {
     "add": torch.add,
     "sub": torch.sub,
     "mul": torch.mul,
+    "one_minus": one_minus,
+    "norm": block_layer_norm,
     "lerp": torch.lerp,
     "addcmul": torch.addcmul,
 }
@@ -96,22 +131,38 @@ class LinearSlot:
 
 
 @dataclass(frozen=True)
+class VectorSlot:
+    """One ``hidden``-wide block of a vector argument ``b[k]``: ``param`` of ``node``.
+
+    ``param``: ``bias`` (a linear node's bias), ``scale`` (a scale node's vector), ``gain`` (a linear
+    node's layer-norm gain), ``zero`` (zeros in place of a bias that layer normalisation adds after
+    normalising) or ``mask`` (the per-sequence dropout mask of the state ``node``, not a parameter).
+    """
+
+    node: str
+    param: str
+
+
+@dataclass(frozen=True)
 class LayerPlan:
     """What a compiled layer needs besides its source: how to assemble weights, biases and split sizes.
 
     ``weights[k]`` lists, for the k-th concatenated matrix ``w[k]``, the ``(node, operand)`` matrices
-    stacked along the output dimension (the module passes ``cat(...).t()``). ``biases[k]`` lists the
-    nodes whose biases make ``b[k]``. ``split_units[k]`` are block widths in units of ``hidden_size``.
+    stacked along the output dimension (the module passes ``cat(...).t()``). ``vectors[k]`` lists the
+    blocks (:class:`VectorSlot`) that make ``b[k]``, concatenated. ``split_units[k]`` are block widths
+    in units of ``hidden_size``.
     ``source`` is the generated function (for inspection and the tests).
     """
 
     source: str
     weights: tuple[tuple[LinearSlot, ...], ...]
-    biases: tuple[tuple[str, ...], ...]
+    vectors: tuple[tuple[VectorSlot, ...], ...]
     split_units: tuple[tuple[int, ...], ...]
     step_groups: int
     hoisted_groups: int
     projects_input: bool
+    layer_norm: bool = False
+    state_mask: bool = False
 
 
 @dataclass
@@ -128,7 +179,7 @@ class _Emitter:
     def __init__(self) -> None:
         self.lines: list[str] = []
         self.weights: list[tuple[LinearSlot, ...]] = []
-        self.biases: list[tuple[str, ...]] = []
+        self.vectors: list[tuple[VectorSlot, ...]] = []
         self.splits: list[tuple[int, ...]] = []
 
     def line(self, depth: int, text: str) -> None:
@@ -138,9 +189,9 @@ class _Emitter:
         self.weights.append(slots)
         return len(self.weights) - 1
 
-    def bias(self, nodes: tuple[str, ...]) -> int:
-        self.biases.append(nodes)
-        return len(self.biases) - 1
+    def vector(self, slots: tuple[VectorSlot, ...]) -> int:
+        self.vectors.append(slots)
+        return len(self.vectors) - 1
 
     def split(self, units: tuple[int, ...]) -> int:
         self.splits.append(units)
@@ -193,12 +244,26 @@ def _rewrite(spec: CellSpec, project_input: bool) -> tuple[dict, dict[str, str],
     return nodes, outputs, order
 
 
-def build_plan(spec: CellSpec, project_input: bool) -> LayerPlan:
+def build_plan(spec: CellSpec, project_input: bool, layer_norm: bool = False, state_mask: bool = False) -> LayerPlan:
     """Plan and generate one layer of ``spec``.
 
-    ``project_input`` is true for a first layer whose input width differs from the hidden width.
+    ``project_input`` is true for a first layer whose input width differs from the hidden width;
+    ``layer_norm`` normalises every linear node's output; ``state_mask`` multiplies the linear
+    nodes' reads of the first state by a mask (see the module doc).
     """
     nodes, outputs, order = _rewrite(spec, project_input)
+    # bias in the sums, or zeros with the bias added after layer normalisation
+    pre_norm = "zero" if layer_norm else "bias"
+
+    def biases(names) -> tuple[VectorSlot, ...]:
+        # the input projection is not a node of the cell and is never normalised
+        return tuple(VectorSlot(n, "bias" if n == PROJECTED_INPUT else pre_norm) for n in names)
+
+    def norm_vectors(names) -> tuple[int, int]:
+        return (emit.vector(tuple(VectorSlot(n, "gain") for n in names)),
+                emit.vector(tuple(VectorSlot(n, "bias") for n in names)))
+
+    scale_vector: dict[str, int] = {}  # scale node -> index of its vector in b
     position = {value: i for i, value in enumerate((INPUT, *spec.states, *order))}
     variable = {value: f"v{i}" for value, i in position.items()}
 
@@ -304,8 +369,12 @@ def build_plan(spec: CellSpec, project_input: bool) -> LayerPlan:
             if (name in hoisted and name not in emitted and nodes[name][0] != "linear"
                     and hoisted_stage[name] == current):
                 op, resolved, _ = nodes[name]
-                emit.line(1, f"{variable[name]} = "
-                          + ELEMENTWISE_TEMPLATES[op].format(*(variable[o] for o in resolved)))
+                if op == SCALE:
+                    scale_vector[name] = emit.vector((VectorSlot(name, "scale"),))
+                    text = SCALE_TEMPLATE.format(variable[resolved[0]], f"b[{scale_vector[name]}]")
+                else:
+                    text = ELEMENTWISE_TEMPLATES[op].format(*(variable[o] for o in resolved))
+                emit.line(1, f"{variable[name]} = " + text)
                 emitted.add(name)
         for number, key in enumerate(hoisted_keys):
             if key[0] != current:
@@ -314,6 +383,7 @@ def build_plan(spec: CellSpec, project_input: bool) -> LayerPlan:
             columns: list[str] = []
             units: list[int] = []
             targets: list[str] = []
+            normalised: list[str] = []  # whole hoisted linear nodes, normalised after the split
             for kind, item in segments:
                 if kind == "run":
                     names = carrier_runs[item[0]][item[1]][1]
@@ -324,11 +394,16 @@ def build_plan(spec: CellSpec, project_input: bool) -> LayerPlan:
                 else:
                     columns.append(item)
                     units.append(1)
-                    targets.append(variable[item])
+                    # a raw name first: the table rewrite gathers every hoisted name once
+                    if layer_norm and item != PROJECTED_INPUT:
+                        targets.append(f"n{position[item]}")
+                        normalised.append(item)
+                    else:
+                        targets.append(variable[item])
                     emitted.add(item)
             slot_names = hoisted_slot_names[key]
             result = f"h{number}"
-            bias = emit.bias(tuple(columns))
+            bias = emit.vector(biases(columns))
             for slot, operand in enumerate(key[1]):
                 weight = emit.weight(tuple(LinearSlot(n, slot_names[n][slot]) for n in columns))
                 added = f"b[{bias}]" if slot == 0 else result
@@ -338,6 +413,9 @@ def build_plan(spec: CellSpec, project_input: bool) -> LayerPlan:
             else:
                 emit.line(1, f"{', '.join(targets)} = "
                           f"{result}.unsafe_split_with_sizes(sz[{emit.split(tuple(units))}], 1)")
+            for item in normalised:
+                gain, shift = norm_vectors((item,))
+                emit.line(1, f"{variable[item]} = norm(n{position[item]}, hidden, b[{gain}], b[{shift}])")
 
     # carriers: the x part plus bias of each step group, as one (rows, width) tensor per group
     operand_lists: list[list[str]] = []
@@ -345,7 +423,7 @@ def build_plan(spec: CellSpec, project_input: bool) -> LayerPlan:
         pieces = []
         for run_index, (key, names) in enumerate(runs):
             if key is None:
-                pieces.append(f"b[{emit.bias(tuple(names))}].expand(rows, -1)")
+                pieces.append(f"b[{emit.vector(biases(names))}].expand(rows, -1)")
             else:
                 pieces.append(segment_variable[(index, run_index)])
         carrier = pieces[0] if len(pieces) == 1 else f"cat(({', '.join(pieces)}), 1)"
@@ -375,11 +453,25 @@ def build_plan(spec: CellSpec, project_input: bool) -> LayerPlan:
     state_variables = [variable[s] for s in spec.states]
     emit.line(1, f"{''.join(v + ', ' for v in state_variables)}= states")
     emit.line(1, "outs = []")
+    # vectors the loop reads, bound to locals before it (inserted here once the loop is written)
+    bindings_at = len(emit.lines)
+    loop_vectors: list[int] = []
+
+    def loop_vector(slots: tuple[VectorSlot, ...]) -> str:
+        loop_vectors.append(emit.vector(slots))
+        return f"u{loop_vectors[-1]}"
+
+    masked = spec.states[0]
+    reads = dict(variable)  # what a linear node's matrix reads for each value
+    if state_mask and any(masked in group.operands for group in groups):
+        reads[masked] = f"r{position[masked]}"
     loop_variables = [f"e{i}" for i in range(len(groups))] + [variable[v] for v in sequences]
     loop_sequences = [f"c{i}" for i in range(len(groups))] + [f"q{position[v]}" for v in sequences]
     if not loop_sequences:  # a live cell always reads x inside the step; CellSpec guarantees it
         raise AssertionError("cell has no per-step input")
     emit.line(1, f"for {''.join(v + ', ' for v in loop_variables)}in zip({', '.join(loop_sequences)}):")
+    if reads[masked] != variable[masked]:
+        emit.line(2, f"{reads[masked]} = mul({variable[masked]}, {loop_vector((VectorSlot(masked, 'mask'),))})")
 
     combined, absorbed = _combine_elementwise(nodes, order, hoisted, users, output_values)
     done = set(spec.states) | hoisted | absorbed
@@ -390,18 +482,26 @@ def build_plan(spec: CellSpec, project_input: bool) -> LayerPlan:
                 continue
             if name in combined:
                 template, operands = combined[name]
+                text = template.format(*(variable[o] for o in operands))
+            elif nodes[name][0] == SCALE:
+                vector = loop_vector((VectorSlot(name, "scale"),))
+                text = SCALE_TEMPLATE.format(variable[nodes[name][1][0]], vector)
             else:
-                template, operands = ELEMENTWISE_TEMPLATES[nodes[name][0]], nodes[name][1]
-            emit.line(2, f"{variable[name]} = " + template.format(*(variable[o] for o in operands)))
+                text = ELEMENTWISE_TEMPLATES[nodes[name][0]].format(*(variable[o] for o in nodes[name][1]))
+            emit.line(2, f"{variable[name]} = " + text)
             done.add(name)
         for index, group in enumerate(groups):
             if group.stage != current:
                 continue
             for slot, operand in enumerate(group.operands):
                 # detached: the lists live on the deferred-gradient node; graph tensors would make a cycle
-                emit.line(2, f"{operand_lists[index][slot]}.append({variable[operand]}.detach())")
+                emit.line(2, f"{operand_lists[index][slot]}.append({reads[operand]}.detach())")
                 added = f"e{index}" if slot == 0 else f"g{index}"
-                emit.line(2, f"g{index} = addmm({added}, {variable[operand]}, k{index}_{slot})")
+                emit.line(2, f"g{index} = addmm({added}, {reads[operand]}, k{index}_{slot})")
+            if layer_norm:
+                gain = loop_vector(tuple(VectorSlot(n, "gain") for n in group.columns))
+                shift = loop_vector(tuple(VectorSlot(n, "bias") for n in group.columns))
+                emit.line(2, f"g{index} = norm(g{index}, hidden, {gain}, {shift})")
             # blocks: one per activation kind, in column order
             blocks: list[tuple[str | None, list[str]]] = []
             for name in group.columns:
@@ -428,14 +528,17 @@ def build_plan(spec: CellSpec, project_input: bool) -> LayerPlan:
     emit.line(2, f"{''.join(v + ', ' for v in state_variables)}= {''.join(v + ', ' for v in new_states)}")
     emit.line(2, f"outs.append({state_variables[0]})")
     emit.line(1, f"return stack(outs, time_dim), ({''.join(v + ', ' for v in state_variables)})")
+    emit.lines[bindings_at:bindings_at] = [f"    u{k} = b[{k}]" for k in loop_vectors]
     return LayerPlan(
         source="\n".join(emit.lines) + "\n",
         weights=tuple(emit.weights),
-        biases=tuple(emit.biases),
+        vectors=tuple(emit.vectors),
         split_units=tuple(emit.splits),
         step_groups=len(groups),
         hoisted_groups=len(hoisted_groups),
         projects_input=PROJECTED_INPUT in nodes,
+        layer_norm=layer_norm,
+        state_mask=reads[masked] != variable[masked],
     )
 
 

@@ -4,10 +4,12 @@ Parameters (per layer ``l``, per linear node, per operand; names are the spec's)
 
     layers.{l}.node_{NODE}.weight_{OPERAND}   shape (hidden, width of OPERAND)
     layers.{l}.node_{NODE}.bias               shape (hidden,)
+    layers.{l}.node_{NODE}.gain               shape (hidden,)   (layer_norm=True only)
+    layers.{l}.node_{SCALE_NODE}.weight       shape (hidden,)   (a ``scale`` node: the peephole)
     layers.0.input_projection.weight_x        shape (hidden, input_size)   (see below)
     layers.0.input_projection.bias            shape (hidden,)
 
-and :meth:`CellRNN.weight` / :meth:`CellRNN.bias` reach them as
+and :meth:`CellRNN.weight` / :meth:`CellRNN.bias` / :meth:`CellRNN.scale` reach them as
 ``rnn.weight(layer, node, operand)``. Matrices follow ``nn.Linear``: a node computes
 ``sum_operand operand @ weight.T + bias``.
 
@@ -31,7 +33,25 @@ Initialisation (:meth:`CellRNN.reset_parameters`): every matrix and bias uniform
 ``[-s/sqrt(hidden), s/sqrt(hidden)]`` with init scale ``s``; then each linear node's ``diag``
 constant is added to the main diagonal of each of its matrices and its ``bias`` constant is
 added to its bias (so ``lstm_b``'s forget bias starts near 1). The input projection gets
-the uniform draw only.
+the uniform draw only. ``scale`` vectors are drawn from the same uniform, after every linear
+node of the layer; layer-norm gains start at 1.
+
+Regularisers (both off by default, and then the module computes exactly what it did without them):
+
+* ``layer_norm=True`` (Ba, Kiros & Hinton, 2016): every linear node of the cell computes
+  ``gain * normalise(sum_operand W_operand operand) + bias``, where ``normalise`` takes each
+  example's ``hidden`` values of the node to mean 0 and variance 1 (epsilon 1e-5). The node's
+  bias is the shift after normalisation (so its ``bias`` constant, e.g. ``lstm_b``'s forget bias,
+  keeps its meaning) and ``gain`` (one per unit, init 1) is a new parameter. The input projection
+  is not normalised.
+* ``dropout_mode="variational"`` (Gal & Ghahramani, 2016): in training mode, with probability
+  ``dropout``, one mask per sequence (per batch row), drawn at the start of ``forward`` and reused
+  at every time step, on every layer's input (the module's input included), on the first state
+  where the cell's linear nodes read it, directly or through ``identity`` (the recurrent weights;
+  the state carried on through elementwise ops is not dropped, so nothing is erased from memory),
+  and on the last layer's output. Masks are drawn layer by layer (input, then state) and the
+  output's last. In eval mode nothing is dropped. ``dropout_mode="standard"`` is ``nn.GRU``'s: a
+  fresh mask per element of the output of every layer but the last.
 """
 
 from __future__ import annotations
@@ -46,9 +66,12 @@ from torch.autograd.function import once_differentiable
 
 from cellsearch import zoo
 from cellsearch.compiler.codegen import PROJECTED_INPUT, LayerPlan, build_plan, compile_plan
-from cellsearch.spec import INPUT, CellSpec
+from cellsearch.spec import INPUT, SCALE, CellSpec
 
-__all__ = ["CellRNN", "CellLayer", "LinearNode"]
+__all__ = ["CellRNN", "CellLayer", "LinearNode", "ScaleNode", "DROPOUT_MODES"]
+
+#: ``standard``: nn.GRU's dropout between layers; ``variational``: per-sequence masks (see the module doc).
+DROPOUT_MODES = ("standard", "variational")
 
 _NODE_PREFIX = "node_"
 _WEIGHT_PREFIX = "weight_"
@@ -61,7 +84,8 @@ class LinearNode(nn.Module):
     called ``forward`` or ``training`` is harmless.
     """
 
-    def __init__(self, operand_widths: Sequence[tuple[str, int]], hidden_size: int, diag: float, bias: float) -> None:
+    def __init__(self, operand_widths: Sequence[tuple[str, int]], hidden_size: int, diag: float, bias: float,
+                 layer_norm: bool = False) -> None:
         super().__init__()
         self.operands = tuple(name for name, _ in operand_widths)
         self.diag_init = diag
@@ -69,6 +93,8 @@ class LinearNode(nn.Module):
         for operand, width in operand_widths:
             self.register_parameter(_WEIGHT_PREFIX + operand, nn.Parameter(torch.empty(hidden_size, width)))
         self.bias = nn.Parameter(torch.empty(hidden_size))
+        # registered only with layer normalisation, so that plain models keep their state dicts
+        self.gain = nn.Parameter(torch.ones(hidden_size)) if layer_norm else None
 
     def weight(self, operand: str) -> nn.Parameter:
         if operand not in self.operands:
@@ -76,16 +102,28 @@ class LinearNode(nn.Module):
         return self._parameters[_WEIGHT_PREFIX + operand]
 
 
+class ScaleNode(nn.Module):
+    """The parameter of one ``scale`` node: ``weight``, one value per unit (the peephole)."""
+
+    def __init__(self, hidden_size: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(hidden_size))
+
+
 class CellLayer(nn.Module):
-    """One layer: a :class:`LinearNode` per linear node of the spec (``node_{NAME}``)."""
+    """One layer: a :class:`LinearNode` per linear node and a :class:`ScaleNode` per scale node (``node_{NAME}``)."""
 
     def __init__(self, spec: CellSpec, input_size: int, hidden_size: int, plan: LayerPlan) -> None:
         super().__init__()
         self.node_names = tuple(n for n, node in spec.nodes.items() if node.op == "linear")
+        self.scale_names = tuple(n for n, node in spec.nodes.items() if node.op == SCALE)
         for name in self.node_names:
             node = spec.nodes[name]
             widths = [(o, input_size if o == INPUT else hidden_size) for o in node.inputs]
-            self.add_module(_NODE_PREFIX + name, LinearNode(widths, hidden_size, node.diag, node.bias))
+            self.add_module(_NODE_PREFIX + name,
+                            LinearNode(widths, hidden_size, node.diag, node.bias, layer_norm=plan.layer_norm))
+        for name in self.scale_names:
+            self.add_module(_NODE_PREFIX + name, ScaleNode(hidden_size))
         self.input_projection = (LinearNode([(INPUT, input_size)], hidden_size, 0.0, 0.0)
                                  if plan.projects_input else None)
 
@@ -98,9 +136,38 @@ class CellLayer(nn.Module):
             raise KeyError(f"no linear node {name!r} in this cell (linear nodes: {list(self.node_names)})")
         return self._modules[_NODE_PREFIX + name]  # type: ignore[return-value]
 
+    def scale_node(self, name: str) -> ScaleNode:
+        if name not in self.scale_names:
+            raise KeyError(f"no scale node {name!r} in this cell (scale nodes: {list(self.scale_names)})")
+        return self._modules[_NODE_PREFIX + name]  # type: ignore[return-value]
+
     def linear_nodes(self) -> list[LinearNode]:
         nodes = [self.node(n) for n in self.node_names]
         return nodes + ([self.input_projection] if self.input_projection is not None else [])
+
+    def vectors(self, plan: LayerPlan, masks: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, ...]:
+        """The vector arguments ``b`` of ``plan``'s layer function (see :class:`~.codegen.VectorSlot`).
+
+        ``masks``: state name -> the per-sequence dropout mask of that state (``mask`` slots).
+        """
+        out = []
+        for slots in plan.vectors:
+            parts = [self._vector(slot.node, slot.param, masks) for slot in slots]
+            out.append(parts[0] if len(parts) == 1 else torch.cat(parts, -1))
+        return tuple(out)
+
+    def _vector(self, node: str, param: str, masks: dict[str, torch.Tensor] | None) -> torch.Tensor:
+        if param == "bias":
+            return self.node(node).bias
+        if param == "gain":
+            return self.node(node).gain
+        if param == "zero":
+            return torch.zeros_like(self.node(node).bias)
+        if param == "scale":
+            return self.scale_node(node).weight
+        if param == "mask" and masks is not None:
+            return masks[node]
+        raise KeyError(f"no vector {param!r} for {node!r}")
 
 
 class _DeferredWeightGrad(torch.autograd.Function):
@@ -185,6 +252,8 @@ class CellRNN(nn.Module):
         init_scale: float = 1.0,
         *,
         generator: torch.Generator | None = None,
+        dropout_mode: str = "standard",
+        layer_norm: bool = False,
     ) -> None:
         super().__init__()
         if not isinstance(spec, CellSpec):
@@ -197,6 +266,10 @@ class CellRNN(nn.Module):
         if (isinstance(init_scale, bool) or not isinstance(init_scale, numbers.Real)
                 or not math.isfinite(init_scale) or init_scale < 0):
             raise ValueError(f"init_scale must be a finite number >= 0, got {init_scale!r}")
+        if dropout_mode not in DROPOUT_MODES:
+            raise ValueError(f"dropout_mode must be one of {', '.join(DROPOUT_MODES)}, got {dropout_mode!r}")
+        if not isinstance(layer_norm, bool):
+            raise ValueError(f"layer_norm must be True or False, got {layer_norm!r}")
         input_size, hidden_size, num_layers = int(input_size), int(hidden_size), int(num_layers)
         self.spec = spec
         self.input_size = input_size
@@ -206,10 +279,15 @@ class CellRNN(nn.Module):
         self.batch_first = bool(batch_first)
         self.init_scale = float(init_scale)
         self.generator = generator
-        inner = build_plan(spec, project_input=False)
-        first = build_plan(spec, project_input=True) if input_size != hidden_size else inner
-        self.plans = (first,) + (inner,) * (num_layers - 1)
+        self.dropout_mode = dropout_mode
+        self.layer_norm = layer_norm
+        self.plans = _plans(spec, input_size, hidden_size, num_layers, layer_norm, state_mask=False)
         self._functions = tuple(compile_plan(p) for p in self.plans)
+        # variational dropout's step functions read the first state through a mask; built only when used
+        self.masked_plans = (_plans(spec, input_size, hidden_size, num_layers, layer_norm, state_mask=True)
+                             if self.variational else None)
+        self._masked_functions = (tuple(compile_plan(p) for p in self.masked_plans)
+                                  if self.masked_plans is not None else None)
         self.layers = nn.ModuleList(
             CellLayer(spec, input_size if i == 0 else hidden_size, hidden_size, plan)
             for i, plan in enumerate(self.plans)
@@ -221,13 +299,24 @@ class CellRNN(nn.Module):
         # CellSpec holds read-only mappings that do not pickle; its plain-data form does.
         state = self.__dict__.copy()
         state["_functions"] = None
+        state["_masked_functions"] = None
         state["spec"] = self.spec.to_dict()
         return state
 
     def __setstate__(self, state: dict) -> None:
+        state.setdefault("dropout_mode", "standard")  # pickled before the regularisers existed
+        state.setdefault("layer_norm", False)
+        state.setdefault("masked_plans", None)
         self.__dict__.update(state)
         self.spec = CellSpec.from_dict(state["spec"])
         self._functions = tuple(compile_plan(p) for p in self.plans)
+        self._masked_functions = (tuple(compile_plan(p) for p in self.masked_plans)
+                                  if self.masked_plans is not None else None)
+
+    @property
+    def variational(self) -> bool:
+        """Whether this module drops with per-sequence masks (``dropout_mode='variational'`` and ``dropout > 0``)."""
+        return self.dropout_mode == "variational" and self.dropout > 0
 
     def flatten_parameters(self) -> None:
         """No-op, for code written for ``nn.GRU`` (the compiled layer needs no flat weight buffer)."""
@@ -240,6 +329,10 @@ class CellRNN(nn.Module):
     def bias(self, layer: int, node: str) -> nn.Parameter:
         """The bias of linear node ``node`` in ``layer``."""
         return self.layers[layer].node(node).bias
+
+    def scale(self, layer: int, node: str) -> nn.Parameter:
+        """The per-unit vector of scale node ``node`` in ``layer`` (shape (hidden,))."""
+        return self.layers[layer].scale_node(node).weight
 
     def reset_parameters(self, init_scale: float | None = None, generator: torch.Generator | None = None) -> None:
         """Uniform in [-s/sqrt(H), s/sqrt(H)], then the spec's diagonal and bias constants (see module doc)."""
@@ -255,6 +348,12 @@ class CellRNN(nn.Module):
                         matrix.diagonal().add_(node.diag_init)
                     node.bias.copy_(_uniform(node.bias, bound, generator))
                     node.bias.add_(node.bias_init)
+                    if node.gain is not None:
+                        node.gain.fill_(1.0)
+                # after every linear node: cells without scale nodes draw exactly what they always drew
+                for name in layer.scale_names:
+                    vector = layer.scale_node(name).weight
+                    vector.copy_(_uniform(vector, bound, generator))
 
     # ------------------------------------------------------------------ forward
     def forward(self, input: torch.Tensor, state: Any = None) -> tuple[torch.Tensor, Any]:  # noqa: A002
@@ -275,31 +374,38 @@ class CellRNN(nn.Module):
         record = _recorder(time_dim)
         finals: list[tuple[torch.Tensor, ...]] = []
         layer_input = input
-        for index, (layer, plan, function) in enumerate(zip(self.layers, self.plans, self._functions)):
-            weights, biases = self._layer_tensors(layer, plan)
+        variational = self.variational and self.training
+        plans, functions = ((self.masked_plans, self._masked_functions) if variational
+                            else (self.plans, self._functions))
+        for index, (layer, plan, function) in enumerate(zip(self.layers, plans, functions)):
+            masks = None
+            if variational:
+                # one mask per sequence, reused at every step: (batch, width) broadcast over time
+                layer_input = layer_input * self._mask((batch, layer_input.shape[-1]), input).unsqueeze(time_dim)
+                masks = {self.spec.states[0]: self._mask((batch, hidden), input)}
+            weights = self._layer_weights(layer, plan)
+            biases = layer.vectors(plan, masks)
             sizes = tuple(tuple(unit * hidden for unit in units) for units in plan.split_units)
             states = tuple(s[index] for s in initial)
             output, final = function(layer_input, states, weights, biases, sizes, hidden, time_dim, record)
             finals.append(final)
-            if self.dropout and self.training and index < self.num_layers - 1:
+            if self.dropout and self.training and index < self.num_layers - 1 and not variational:
                 output = self._dropout(output)
             layer_input = output
+        if variational:
+            output = output * self._mask((batch, hidden), input).unsqueeze(time_dim)
         stacked = tuple(torch.stack([final[i] for final in finals]) for i in range(len(self.spec.states)))
         if unbatched:
             output = output.squeeze(batch_dim)
             stacked = tuple(s.squeeze(1) for s in stacked)
         return output, (stacked[0] if len(stacked) == 1 else stacked)
 
-    def _layer_tensors(self, layer: CellLayer, plan: LayerPlan) -> tuple[tuple, tuple]:
+    def _layer_weights(self, layer: CellLayer, plan: LayerPlan) -> tuple:
         weights = []
         for slots in plan.weights:
             matrices = [layer.node(s.node).weight(s.operand) for s in slots]
             weights.append((matrices[0] if len(matrices) == 1 else torch.cat(matrices)).t())
-        biases = []
-        for names in plan.biases:
-            vectors = [layer.node(n).bias for n in names]
-            biases.append(vectors[0] if len(vectors) == 1 else torch.cat(vectors))
-        return tuple(weights), tuple(biases)
+        return tuple(weights)
 
     def _initial_state(self, state: Any, batch: int, unbatched: bool, input: torch.Tensor) -> tuple[torch.Tensor, ...]:
         count = len(self.spec.states)
@@ -317,6 +423,10 @@ class CellRNN(nn.Module):
                 raise ValueError(f"CellRNN: state {name!r} has shape {tuple(tensor.shape)}, expected {expected}")
         return tuple(t.unsqueeze(1) if unbatched else t for t in tensors)
 
+    def _mask(self, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+        """A dropout mask (kept values scaled by 1/keep) of ``shape``, from ``generator`` when there is one."""
+        return dropout_mask(shape, self.dropout, like.dtype, like.device, self.generator)
+
     def _dropout(self, output: torch.Tensor) -> torch.Tensor:
         if self.generator is None:
             return nn.functional.dropout(output, self.dropout, training=True)
@@ -330,6 +440,8 @@ class CellRNN(nn.Module):
         return (
             f"cell={name}, input_size={self.input_size}, hidden_size={self.hidden_size}, num_layers={self.num_layers}, "
             f"dropout={self.dropout}, batch_first={self.batch_first}"
+            + (f", dropout_mode={self.dropout_mode}" if self.dropout_mode != "standard" else "")
+            + (", layer_norm=True" if self.layer_norm else "")
         )
 
     # ------------------------------------------------------------------ from torch
@@ -379,6 +491,24 @@ class CellRNN(nn.Module):
 #: PyTorch's gate order -> (node reading x, node reading h) in the reference cells.
 _GRU_GATES = (("r_pre", "r_pre"), ("z_pre", "z_pre"), ("n_x", "n_h"))
 _LSTM_GATES = (("i_pre", "i_pre"), ("f_pre", "f_pre"), ("g_pre", "g_pre"), ("o_pre", "o_pre"))
+
+
+def _plans(spec: CellSpec, input_size: int, hidden_size: int, num_layers: int, layer_norm: bool,
+           state_mask: bool) -> tuple[LayerPlan, ...]:
+    inner = build_plan(spec, project_input=False, layer_norm=layer_norm, state_mask=state_mask)
+    first = (build_plan(spec, project_input=True, layer_norm=layer_norm, state_mask=state_mask)
+             if input_size != hidden_size else inner)
+    return (first,) + (inner,) * (num_layers - 1)
+
+
+def dropout_mask(shape: tuple[int, ...], probability: float, dtype: torch.dtype, device: torch.device,
+                 generator: torch.Generator | None) -> torch.Tensor:
+    """Bernoulli(1 - p) / (1 - p) of ``shape``: drawn on the generator's device (then moved), or with torch's
+    default generator on ``device`` when there is none."""
+    keep = 1.0 - probability
+    mask = torch.empty(shape, dtype=dtype, device=generator.device if generator is not None else device)
+    mask.bernoulli_(keep, generator=generator)
+    return mask.div_(keep).to(device)
 
 
 def _uniform(like: torch.Tensor, bound: float, generator: torch.Generator | None) -> torch.Tensor:

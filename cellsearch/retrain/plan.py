@@ -82,8 +82,8 @@ def resolve_source(source: str, top: int | None = None) -> list[RetrainCell]:
         results = load_run(source)
         try:
             best = results.top(top)
-            cells = [RetrainCell(safe_label(f"top{rank:02d}-{_name_or_hash(row)}"), results.spec(row.hash),
-                                 "candidate", f"{source}:{row.hash}")
+            cells = [RetrainCell(safe_label(f"top{rank:02d}-{_name_or_hash(row)}"), results.spec(row.cell_hash),
+                                 "candidate", f"{source}:{row.cell_hash}")
                      for rank, row in enumerate(best.itertuples(index=False), start=1)]
         finally:
             results.close()
@@ -112,7 +112,7 @@ def baseline_cells(names: Iterable[str], candidates: Sequence[RetrainCell]) -> l
     taken = {cell.spec.hash for cell in candidates}
     cells = []
     for name in names:
-        if name not in zoo.names():
+        if not zoo.known(name):
             raise UserError(f"unknown baseline {name!r}; reference cells: {', '.join(zoo.names())}")
         spec = zoo.get(name)
         if spec.hash in taken:

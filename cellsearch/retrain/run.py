@@ -246,14 +246,32 @@ def _deferred_sigterm() -> Iterator[Callable[[], None]]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def _executor(options: RetrainOptions, progress: Progress | None) -> SerialExecutor | RayExecutor:
+def _executor(options: RetrainOptions, progress: Progress | None, out_dir: Path) -> SerialExecutor | RayExecutor:
+    """The jobs' executor. On a cluster every node that may train a job must share ``out_dir``: a job writes its
+    runs' checkpoints and results there, and on a directory of its own node they would never reach the tables
+    (the executor's node check refuses such a cluster before any job starts)."""
     def load_task(name: str):
         return get_task(name, data_dir=options.data_dir)
 
     if options.in_process:
         return SerialExecutor(load_task, unit_function=lambda job, task: run_job(job, task, progress))
     return RayExecutor(load_task, ResourcesConfig(num_cpus=options.cpus_per_run, num_gpus=options.gpus_per_run),
-                       address=options.address, num_cpus=options.workers, unit_function=run_job)
+                       address=options.address, num_cpus=options.workers, unit_function=run_job,
+                       shared_directories=(out_dir,))
+
+
+def _keep_record(record: dict[str, Any], path: Path) -> None:
+    """Write a run's record that came back from its job to ``path`` when the file is not there.
+
+    The job wrote it on the node it ran on; a node that joined after the shared-directory check may not share
+    ``--out``. The record came back through Ray all the same, so the tables never miss a run that finished.
+    """
+    if path.is_file():
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_suffix(".json.tmp")
+    temporary.write_text(json.dumps(record, indent=2, default=_json_number), encoding="utf-8")
+    os.replace(temporary, path)
 
 
 def retrain(cells: Sequence[RetrainCell], task_name: str, preset_name: str, out_dir: str | os.PathLike,
@@ -331,13 +349,14 @@ def _retrain(cells, all_cells, task, task_name, preset_name, preset, seed_values
         on_start(len(records), len(runs))
     failures: list[str] = []
     if len(records) < len(runs):
-        executor = _executor(options, progress)
+        executor = _executor(options, progress, out_dir)
         try:
             stop_point = _deferred_sigterm() if isinstance(executor, RayExecutor) else contextlib.nullcontext(None)
             with stop_point as check_stop:
                 jobs = [job for job in plan_for(executor.slots) if not job.finished]
                 settle_checkpoints(jobs, task)
                 by_id = {job.unit_id: job for job in jobs}
+                paths = {(job.label, run.seed_index): run.result_path for job in jobs for run in job.runs}
                 executor.prepare([task_name])
                 queue = list(jobs)
                 while queue or executor.in_flight:
@@ -352,6 +371,7 @@ def _retrain(cells, all_cells, task, task_name, preset_name, preset, seed_values
                             for item in completion.results:
                                 failure = RunFailure.from_record(item)
                                 if failure is None:
+                                    _keep_record(item, paths[(item["label"], item["seed_index"])])
                                     collect(item)
                                 else:
                                     failures.append(failure.line())

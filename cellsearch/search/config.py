@@ -181,7 +181,7 @@ class SearchConfig:
             unknown = [name for name in names if name not in known_tasks]
             if unknown:
                 raise ConfigError(f"{key}: unknown task {', '.join(unknown)}; known: {', '.join(known_tasks)}")
-        unknown = [name for name in self.initial_cells if name not in zoo.names()]
+        unknown = [name for name in self.initial_cells if not zoo.known(name)]
         if unknown:
             raise ConfigError(f"initial_cells: unknown cell {', '.join(unknown)}; known: {', '.join(zoo.names())}")
         from_mapping(MutationConfig, dict(self.mutation), prefix="mutation.")

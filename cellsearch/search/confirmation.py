@@ -60,12 +60,13 @@ class Confirmation:
 
 def pairs_by_task(rows: Iterable[Mapping], candidate_hash: str, reference_hash: str
                   ) -> dict[str, tuple[list[float], list[float]]]:
-    """Evaluation rows of a confirm step (``cell_hash`` or ``cell``, ``task``, ``seed``, ``score``) -> per task, the
-    candidate's and the reference's scores on the seeds both trained, in seed order."""
+    """Evaluation rows of a confirm step (``cell_hash``, ``task``, ``seed`` and the run's metric: ``score`` as stored,
+    ``metric`` as :meth:`cellsearch.results.SearchRun.evaluations` names it) -> per task, the candidate's and the
+    reference's metrics on the seeds both trained, in seed order."""
     scores: dict[tuple[str, str], dict[int, float]] = {}
     for row in rows:
-        cell = row["cell_hash"] if "cell_hash" in row else row["cell"]
-        scores.setdefault((cell, row["task"]), {})[int(row["seed"])] = float(row["score"])
+        value = row["score"] if "score" in row else row["metric"]
+        scores.setdefault((row["cell_hash"], row["task"]), {})[int(row["seed"])] = float(value)
     tasks = sorted({task for _, task in scores})
     pairs = {}
     for task in tasks:

@@ -61,6 +61,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -79,6 +80,7 @@ from cellsearch.search.population import PopulationPolicy
 from cellsearch.search.storage import PARAMETER_WIDTH, RunStorage, StorageError, StorageFull, engine_options, \
     tune_sqlite
 from cellsearch.search.units import SettingSpec, UnitSpec
+from cellsearch.errors import UserError
 from cellsearch.spec import CellSpec, CellSpecError
 
 __all__ = ["SearchDriver", "Stage", "stages_for", "study_name", "Progress"]
@@ -109,9 +111,17 @@ def stages_for(kind: str, config: SearchConfig) -> list[Stage]:
     return memorize + rung + [Stage((task,), config.settings_per_task, "ratio") for task in config.tasks]
 
 
-def study_name(cell_hash: str, task: str) -> str:
-    """The Optuna study holding a cell's trials on a task."""
-    return f"{cell_hash}/{task}"
+def study_name(cell_hash: str, task: str, name: str | None = None) -> str:
+    """The Optuna study holding a cell's trials on a task: ``<name>/<task>`` for a named initial cell of the run
+    (``gru/arithmetic``), ``<first 12 hex digits of the hash>/<task>`` for every other cell, so that
+    optuna-dashboard lists names a person can read. (Twelve hex digits are 48 bits: two cells of one run share
+    them with probability about n^2 / 2^49, below 1e-5 for 50,000 cells.) The study's user attributes hold the
+    full hash."""
+    return f"{name or cell_hash[:12]}/{task}"
+
+
+#: A study name of runs made before the names were readable: the full 64-digit hash, then the task.
+_LEGACY_STUDY_NAME = re.compile(r"^([0-9a-f]{64})/(.+)$")
 
 
 @dataclass
@@ -157,6 +167,10 @@ class SearchDriver:
         import optuna
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
+        if storage.is_archive():
+            # before Optuna's storage is opened: it would create its tables in the archive
+            raise UserError(f"the run database {storage.display_url} is an archive of a run (cellsearch archive): "
+                            f"top, show, export, report and load_run read it; a search cannot continue from it")
         self.config = config
         self.storage = storage
         self.executor = executor
@@ -183,6 +197,8 @@ class SearchDriver:
         self._unit_specs: dict[int, UnitSpec] = {}
         self._unit_submissions: dict[int, int] = {}
         self._rung_steps: dict[str, int] = {}
+        #: Hash -> name of the run's initial cells (their studies are named after them: see study_name).
+        self._initial_names = {zoo.get(name).hash: name for name in config.initial_cells}
         self.progress = Progress()
 
     # -- public -------------------------------------------------------------------------------------------------
@@ -253,6 +269,8 @@ class SearchDriver:
 
         cells = self.storage.cells()
         self._specs = {row["hash"]: row["spec_json"] for row in cells}
+        self._parents = {row["hash"]: row["parent_hash"] for row in cells}
+        self._rename_legacy_studies()
         self._dedup = Deduplicator.from_specs(
             CellSpec.from_dict(json.loads(row["spec_json"])) for row in cells if row["rejected_by"] != "duplicate")
         members = {row["hash"] for row in cells if row["status"] == "population"}
@@ -301,6 +319,19 @@ class SearchDriver:
             if outcome.endswith(":confirm") and row["cell_hash"] not in self._confirming:
                 self._start_confirmation(row["cell_hash"], advance=False)  # the loop advances every active step
 
+    def _rename_legacy_studies(self) -> None:
+        """A run made before study names were readable (``<64-digit hash>/<task>``) gets the readable names, once
+        (one transaction, under the run's lock: no other driver is using the studies)."""
+        renames = {}
+        for name in self.storage.retry(lambda: self._optuna.get_all_study_names(self.optuna_storage),
+                                       "read the study names"):
+            legacy = _LEGACY_STUDY_NAME.match(name)
+            if legacy is not None:
+                renames[name] = self._study_name(legacy.group(1), legacy.group(2))
+        if renames:
+            self.storage.rename_optuna_studies(renames)
+            self._log(f"renamed {len(renames)} Optuna studies to readable names (<cell name or short hash>/<task>)")
+
     def _check_free_space(self) -> None:
         """Below ``min_free_space_mb`` on the database's disk: start nothing new, let running units commit."""
         threshold_mb = self.config.min_free_space_mb
@@ -338,18 +369,18 @@ class SearchDriver:
                     continue
                 referenced.setdefault(unit["task"], set()).update(s["trial_number"] for s in unit["settings"])
         for task in tasks:
-            name = study_name(cell_hash, task)
+            name = self._study_name(cell_hash, task)
             try:
                 study = self._study(cell_hash, task, create=False)
             except KeyError:
                 continue
             running = self.storage.retry(lambda: study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)),
-                                         f"read the trials of {_short(name)}")
+                                         f"read the trials of {name}")
             for trial in running:
                 if trial.number not in referenced.get(task, set()):
                     self._log(f"closing trial {trial.number} of {name}: asked but never recorded in a unit")
                     self.storage.retry(lambda: study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True),
-                                       f"close trial {trial.number} of {_short(name)}")
+                                       f"close trial {trial.number} of {name}")
 
     # -- steps --------------------------------------------------------------------------------------------------
 
@@ -433,6 +464,7 @@ class SearchDriver:
             return
         self._dedup.add(child)
         self._specs[child.hash] = child.to_json()
+        self._parents[child.hash] = parent_hash
         self.storage.start_step(step, "mutate", child.hash, parent_hash,
                                 self._cell_row(child, step, parent=parent_hash, mutation=record))
         active = _ActiveStep(step, "mutate", child.hash, parent_hash, 0)
@@ -503,7 +535,7 @@ class SearchDriver:
             # A failed attempt may leave asked trials RUNNING (ask committed, acknowledgement lost): they are
             # closed before the retry, so no trial stays RUNNING and none is recorded twice.
             pairs = self.storage.retry(
-                sample, f"sample settings for {_short(study_name(active.cell_hash, task_name))}",
+                sample, f"sample settings for {self._study_name(active.cell_hash, task_name)}",
                 before_retry=lambda task_name=task_name: self._close_unrecorded_trials(active.cell_hash, (task_name,)))
             settings = [SettingSpec(trial.number, setting.to_dict(),
                                     seeds.derived_seed(self.config.seed, seeds.TRAIN_STREAM,
@@ -561,7 +593,7 @@ class SearchDriver:
                     return asked
 
                 trials = self.storage.retry(
-                    ask, f"ask confirmation trials for {_short(study_name(cell_hash, task_name))}",
+                    ask, f"ask confirmation trials for {self._study_name(cell_hash, task_name)}",
                     before_retry=lambda c=cell_hash, t=task_name: self._close_unrecorded_trials(c, (t,)))
                 settings = [SettingSpec(trial.number, space.from_params(trial.params).to_dict(), seed)
                             for trial, seed in zip(trials, shared_seeds)]
@@ -600,7 +632,7 @@ class SearchDriver:
                 return asked
 
             trials = self.storage.retry(
-                ask, f"ask the promoted trials of {_short(study_name(active.cell_hash, task_name))}",
+                ask, f"ask the promoted trials of {self._study_name(active.cell_hash, task_name)}",
                 before_retry=lambda t=task_name: self._close_unrecorded_trials(active.cell_hash, (t,)))
             settings = [SettingSpec(trial.number, space.from_params(trial.params).to_dict(), setting["seed"])
                         for trial, setting in zip(trials, rung_settings)]
@@ -676,6 +708,12 @@ class SearchDriver:
             if self.stop_mode is None and self._unit_submissions.get(unit_id, 0) <= _RESUBMISSIONS:
                 self._log(f"unit {unit_id} lost ({completion.error}); submitting it again")
                 self._ready.appendleft(unit_id)
+            elif self.stop_mode is None:
+                # an infrastructure failure is never a result: the unit stays pending (a resume runs it), and the
+                # search stops rather than go on around the gap (a lost seed step would never start the population)
+                self._log(f"unit {unit_id} lost {self._unit_submissions.get(unit_id, 0)} times ({completion.error}); "
+                          f"it stays pending for `cellsearch resume`; stopping after the running units")
+                self.request_stop("drain")
             return
         if completion.results is None:
             self._log(f"unit {unit_id} ({unit['cell_hash'][:12]} on {unit['task']}) failed; its settings score 0:\n"
@@ -756,7 +794,7 @@ class SearchDriver:
             else:
                 study.tell(trial_number, score, skip_if_finished=True)
 
-        self.storage.retry(tell, f"tell trial {trial_number} of {_short(name)}")
+        self.storage.retry(tell, f"tell trial {trial_number} of {name}")
 
     # -- gates and outcomes -------------------------------------------------------------------------------------
 
@@ -936,20 +974,23 @@ class SearchDriver:
             self._tasks[name] = self._load_task(name)
         return self._tasks[name]
 
+    def _study_name(self, cell_hash: str, task: str) -> str:
+        return study_name(cell_hash, task, self._initial_names.get(cell_hash))
+
     def _study(self, cell_hash: str, task: str, sampler=None, create: bool = True):
-        name = study_name(cell_hash, task)
+        name = self._study_name(cell_hash, task)
         if sampler is None and name in self._studies:
             return self._studies[name]
         # Both are idempotent under retry: load_if_exists finds a study whose creation was acknowledged too late.
         if create:
             study = self.storage.retry(lambda: self._optuna.create_study(
                 storage=self.optuna_storage, study_name=name, direction="maximize", sampler=sampler,
-                load_if_exists=True), f"create study {_short(name)}")
+                load_if_exists=True), f"create study {name}")
         else:
             study = self.storage.retry(lambda: self._optuna.load_study(
-                study_name=name, storage=self.optuna_storage, sampler=sampler), f"load study {_short(name)}")
+                study_name=name, storage=self.optuna_storage, sampler=sampler), f"load study {name}")
         if create and "cell" not in study.user_attrs:
-            self.storage.retry(lambda: self._describe_study(study, cell_hash, task), f"describe study {_short(name)}")
+            self.storage.retry(lambda: self._describe_study(study, cell_hash, task), f"describe study {name}")
         self._studies[name] = study
         return study
 
@@ -961,6 +1002,10 @@ class SearchDriver:
         spec = self._spec(cell_hash)
         study.set_user_attr("cell", spec.name or cell_hash[:12])
         study.set_user_attr("cell_hash", cell_hash)
+        parent = self._parents.get(cell_hash)
+        if parent is not None:
+            study.set_user_attr("parent", self._initial_names.get(parent) or parent[:12])
+            study.set_user_attr("parent_hash", parent)
         study.set_user_attr("task", task)
         study.set_user_attr("equations", spec.equations())
         metric = self._task(task).metric
@@ -996,10 +1041,5 @@ def _best_complete_trial(study):
     trials = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.value is not None]
     return min(trials, key=lambda t: (-t.value, t.number)) if trials else None
 
-
-def _short(name: str) -> str:
-    """A study name for log lines: the cell's short hash and the task."""
-    cell, _, task = name.partition("/")
-    return f"{cell[:12]}/{task}"
 
 

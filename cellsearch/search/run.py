@@ -30,6 +30,7 @@ import signal
 import sys
 import uuid
 from contextlib import contextmanager
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -48,7 +49,7 @@ from cellsearch.search.storage import DEFAULT_RETRY_S, RunStorage, STORAGE_URL_E
 
 __all__ = ["package_versions", "create_run", "open_run", "make_executor", "drive", "stop_on_signals",
            "task_loader", "read_run_info", "ensure_writable", "check_run_directory", "config_changes",
-           "check_version", "RUN_FILES"]
+           "check_version", "RUN_FILES", "Outcome", "run_outcome"]
 
 _PACKAGES = ("torch", "ray", "optuna", "pandas", "numpy", "networkx", "sqlalchemy", "cellsearch")
 
@@ -365,20 +366,65 @@ def task_loader(config: SearchConfig) -> Callable[[str], Any]:
 
 
 def make_executor(config: SearchConfig, executor: str = "ray", workers: int | None = None,
-                  address: str | None = None):
-    """A :class:`RayExecutor` (embedded Ray with ``workers`` CPUs, or the cluster at ``address``) or a serial one."""
+                  address: str | None = None, load_task: Callable[[str], Any] | None = None):
+    """A :class:`RayExecutor` (embedded Ray with ``workers`` CPUs, or the cluster at ``address``) or a serial one.
+
+    Attached to a cluster, the executor checks every node first (see
+    :meth:`~cellsearch.search.executors.RayExecutor.check_nodes`): ``search`` makes it before the run
+    directory exists, with ``load_task`` reading the tasks of the config that ``create_run`` resolves later.
+    """
     from cellsearch.search.executors import RayExecutor, SerialExecutor
 
+    load_task = load_task or task_loader(config)
     if executor == "serial":
-        return SerialExecutor(task_loader(config))
+        return SerialExecutor(load_task)
     if executor != "ray":
         raise UserError(f"unknown executor {executor!r} (ray or serial)")
     try:
-        return RayExecutor(task_loader(config), config.resources, address=address, num_cpus=workers)
+        return RayExecutor(load_task, config.resources, address=address, num_cpus=workers)
     except UserError:  # --workers below 1, or ClusterUnreachable (its own line already names the address)
         raise
     except ConnectionError as error:
         raise UserError(f"cannot attach to the Ray cluster at {address or 'RAY_ADDRESS'}: {error}") from None
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What a search that ran to its end left behind, beyond its results: the reasons it cannot report success.
+
+    ``lost_units``: units still pending although the driver stopped on its own (lost to system failures
+    after every retry: they re-run on resume); ``errors``: evaluations recorded with status ``error`` (a
+    unit whose code raised: scored 0, as the cell's result); ``reference_missing``: tasks on which the
+    reference cell has no positive best score, so that no ratio (no score of any cell) means anything.
+    """
+
+    lost_units: int
+    errors: int
+    reference_missing: tuple[str, ...]
+
+
+def run_outcome(config: SearchConfig, storage: RunStorage) -> Outcome:
+    """The :class:`Outcome` of the run in ``storage`` as committed now."""
+    from cellsearch import zoo
+    from cellsearch.search.storage import EVALUATIONS, UNITS
+
+    def count(connection, query) -> int:
+        return int(connection.execute(query).scalar_one())
+
+    def read(connection) -> tuple[int, int]:
+        return (count(connection, sa.select(sa.func.count()).select_from(UNITS).where(UNITS.c.status == "pending")),
+                count(connection, sa.select(sa.func.count()).select_from(EVALUATIONS).where(
+                    EVALUATIONS.c.status == "error")))
+
+    def attempt() -> tuple[int, int]:
+        with storage.engine.connect() as connection:
+            return read(connection)
+
+    lost, errors = storage.retry(attempt, "count pending units and errors")
+    reference = zoo.get(config.reference_cell).hash
+    best = storage.best_scores()
+    missing = tuple(task for task in config.tasks if not best.get((reference, task), 0.0) > 0)
+    return Outcome(lost, errors, missing)
 
 
 @contextmanager

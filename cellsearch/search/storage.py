@@ -19,7 +19,10 @@ under retry: a transaction that committed on the server but whose
 acknowledgement was lost is recognised on the next attempt ("already done by
 me") and not applied twice. A write that fails for lack of space or an I/O
 error (SQLite "database or disk is full", ENOSPC, EFBIG, EROFS, EACCES,
-PostgreSQL ``disk_full``) raises :class:`StorageFull` at once. Both are
+PostgreSQL ``disk_full``) raises :class:`StorageFull` at once; a database file
+SQLite cannot open at all ("unable to open database file": its directory gone,
+a path it cannot use) is not a full disk and raises :class:`StorageCannotOpen`,
+whose remedy says so. All are
 :class:`~cellsearch.errors.UserError`: one line, never a traceback; nothing
 committed is touched, and ``cellsearch resume`` continues once the cause is gone.
 
@@ -38,8 +41,8 @@ from __future__ import annotations
 
 import errno
 import json
-import math
 import os
+import math
 import shutil
 import sys
 import time
@@ -59,9 +62,10 @@ PARAMETER_WIDTH = 128
 
 __all__ = ["PARAMETER_WIDTH", "RunStorage", "metadata", "sqlite_url", "sqlite_path", "normalize_url", "make_engine",
            "tune_sqlite", "engine_options", "redact_url", "connect_url", "remember_url", "has_password",
-           "STORAGE_URL_ENV", "StorageError", "StorageFull", "StorageUnreachable", "is_transient", "is_storage_full",
+           "STORAGE_URL_ENV", "StorageError", "StorageFull", "StorageUnreachable", "StorageCannotOpen", "is_transient",
+           "is_storage_full", "is_unopenable",
            "retry", "DEFAULT_RETRY_S", "is_damaged", "one_line_errors",
-           "CELLS", "STEPS", "UNITS", "EVALUATIONS", "POPULATION", "PROMOTIONS", "STATE", "RUN"]
+           "CELLS", "STEPS", "UNITS", "EVALUATIONS", "POPULATION", "PROMOTIONS", "STATE", "RUN", "ARCHIVE_KEY"]
 
 #: Environment variable holding a full storage URL (with its password) for connecting; it is used only when it
 #: names the same server and database as the stored URL.
@@ -91,6 +95,10 @@ STATE = sa.Table(
     sa.Column("key", sa.String(64), primary_key=True),
     sa.Column("value", sa.BigInteger, nullable=False),
 )
+
+#: The ``cs_driver_state`` key that marks a run database as an archive (``SearchRun.archive``): it can be read,
+#: not resumed (it holds no Optuna tables).
+ARCHIVE_KEY = "archive"
 
 #: Every cell the search has proposed. status: evaluating | population | evaluated | rejected.
 #: params_per_width: parameter_count(H) / H**2 at H = PARAMETER_WIDTH (about the number of H x H matrices).
@@ -375,6 +383,16 @@ class StorageFull(StorageError):
     remedy = "after freeing space (or making the run directory writable)"
 
 
+class StorageCannotOpen(StorageError):
+    """The database file cannot be opened at all (SQLite's "unable to open database file"): its directory does not
+    exist (any more), cannot be searched, or the path is not one this process can use. Not a full disk: freeing space
+    would not help, and the message says so."""
+
+    exit_status = 73  # EX_CANTCREAT
+    remedy = ("once the database's path can be opened: its directory must exist and be writable from this process "
+              "(give --run-dir as an absolute path on a local file system)")
+
+
 #: PostgreSQL SQLSTATEs worth retrying: connection exceptions (class 08), admin/crash shutdown, the server
 #: starting up, serialization failures and deadlocks (a retried transaction succeeds), too many connections.
 _TRANSIENT_SQLSTATES = ("08", "57P01", "57P02", "57P03", "40001", "40P01", "53300")
@@ -392,9 +410,11 @@ _TRANSIENT_MESSAGES = (
 _FULL_SQLSTATES = ("53100", "58030")  # disk_full, io_error
 _FULL_MESSAGES = (
     "database or disk is full", "disk i/o error", "attempt to write a readonly database",
-    "unable to open database file", "no space left on device", "file too large", "read-only file system",
+    "no space left on device", "file too large", "read-only file system",
     "disk quota exceeded", "could not extend file", "could not write to file",
 )
+#: SQLite could not open (or create) the file: a path problem (SQLITE_CANTOPEN), not a lack of space.
+_UNOPENABLE_MESSAGES = ("unable to open database file",)
 _FULL_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO,
                 getattr(errno, "EDQUOT", errno.ENOSPC)}
 _DBAPI_MODULES = ("psycopg2", "psycopg", "sqlite3", "pg8000", "asyncpg")
@@ -432,6 +452,12 @@ def is_storage_full(error: BaseException) -> bool:
         if _from_driver(cause) and any(text in str(cause).lower() for text in _FULL_MESSAGES):
             return True
     return False
+
+
+def is_unopenable(error: BaseException) -> bool:
+    """Whether ``error`` means the database file cannot be opened (a missing or inaccessible directory, a bad path)."""
+    return any(_from_driver(cause) and any(text in str(cause).lower() for text in _UNOPENABLE_MESSAGES)
+               for cause in _causes(error))
 
 
 def is_transient(error: BaseException) -> bool:
@@ -483,6 +509,9 @@ def retry(operation: Callable[[], _T], what: str, window_s: float, log: Callable
         except StorageError:
             raise
         except Exception as error:
+            if is_unopenable(error):
+                raise StorageCannotOpen(f"cannot open {where} ({what}): {_summary(error)}; committed work is safe") \
+                    from error
             if is_storage_full(error):
                 raise StorageFull(f"cannot write {where} ({what}): {_summary(error)}; committed work is safe") \
                     from error
@@ -654,6 +683,11 @@ class RunStorage:
 
     # -- counters -----------------------------------------------------------------------------------------------
 
+    def is_archive(self) -> bool:
+        """Whether this database is an archive of a run (see ``ARCHIVE_KEY``)."""
+        return self._read("read the driver state", lambda c: c.execute(
+            sa.select(STATE.c.value).where(STATE.c.key == ARCHIVE_KEY)).first() is not None)
+
     def counter(self, key: str) -> int:
         return self._read("read a counter", lambda c: int(
             c.execute(sa.select(STATE.c.value).where(STATE.c.key == key)).scalar_one()))
@@ -814,6 +848,16 @@ class RunStorage:
                                                                task=task, finished_at=now, **row))
 
         self._write(f"commit unit {unit_id}", body)
+
+    def rename_optuna_studies(self, renames: Mapping[str, str]) -> None:
+        """Rename Optuna studies (old name -> new name) in one transaction, in Optuna's own ``studies`` table (Optuna
+        has no rename; its trials refer to the study's id, which stays)."""
+        def body(connection: sa.Connection, retrying: bool) -> None:
+            for old, new in renames.items():
+                connection.execute(sa.text("UPDATE studies SET study_name = :new WHERE study_name = :old"),
+                                   {"old": old, "new": new})
+
+        self._write(f"rename {len(renames)} Optuna studies", body)
 
     def mark_told(self, unit_id: int) -> None:
         self._write(f"mark unit {unit_id} told", lambda c, _: c.execute(

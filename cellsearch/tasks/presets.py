@@ -1,7 +1,8 @@
 """Retrain presets: the ``retrain_presets`` block of a task file, one setting and one budget each.
 
 They sit in ``tasks/TASK.yaml`` beside the task's profiles (``tiny`` and ``quick`` for every task;
-``zaremba_small`` and ``zaremba_medium`` for ptb) and are checked when the task file is read
+``zaremba_small``, ``zaremba_medium``, ``gal_medium`` (variational dropout) and ``quick_regularised``
+(variational dropout and layer normalisation) for ptb) and are checked when the task file is read
 (:class:`~cellsearch.tasks.base.RetrainPreset`); ``cellsearch retrain --preset NAME`` picks one.
 """
 

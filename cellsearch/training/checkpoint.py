@@ -340,15 +340,19 @@ def load_model(checkpoint: str | os.PathLike | Checkpoint, device: str | torch.d
         raise UserError(f"weights must be 'best' or 'last', got {weights!r}")
     loaded = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint)
     state = loaded.best_model_state if weights == "best" and loaded.best_model_state is not None else loaded.model_state
+    # the regularisers change the model's parameters (layer-norm gains); a checkpoint from before they existed has none
+    options = {"dropout_mode": str(loaded.hparams.get("dropout_mode", "standard")),
+               "layer_norm": bool(loaded.hparams.get("layer_norm", False))}
     # Shapes are checked on a model without storage first: the sizes in the file are not trusted.
     with torch.device("meta"):
         template = SequenceModel(loaded.spec, loaded.vocab_size, loaded.hidden_size, loaded.num_layers,
-                                 loaded.dropout)
+                                 loaded.dropout, **options)
     expected = template.state_dict()
     for which, stored in (("last", loaded.model_state), ("best", loaded.best_model_state)):
         if stored is not None:
             _check_weights(stored, expected, loaded.path, which, loaded.spec, loaded.hidden_size)
-    model = SequenceModel(loaded.spec, loaded.vocab_size, loaded.hidden_size, loaded.num_layers, loaded.dropout)
+    model = SequenceModel(loaded.spec, loaded.vocab_size, loaded.hidden_size, loaded.num_layers, loaded.dropout,
+                          **options)
     model.load_state_dict(state)
     return model.to(device).eval()
 

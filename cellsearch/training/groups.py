@@ -1,7 +1,7 @@
 """Training a group of hyperparameter settings of one cell together: one batched model, one loop.
 
-Settings of a cell that share a shape (layers, width, dropout) differ only in numbers: learning
-rate, init scale, gradient-norm cap and seed. :func:`train_group` trains such a group as one
+Settings of a cell that share a shape (layers, width, dropout, dropout mode, layer norm) differ only
+in numbers: learning rate, init scale, gradient-norm cap and seed. :func:`train_group` trains such a group as one
 :class:`~cellsearch.model.BatchedSequenceModel` (stacked weights, batched matrix
 multiplies), with everything per member that a run has alone:
 
@@ -65,10 +65,10 @@ __all__ = [
 ]
 
 
-def shape_key(spec: CellSpec, task: Task, hparams: HyperParams) -> tuple[int, int, float]:
-    """What members of one batched model must share: (num_layers, hidden width, dropout)."""
+def shape_key(spec: CellSpec, task: Task, hparams: HyperParams) -> tuple:
+    """What members of one batched model must share: (num_layers, hidden width, dropout, dropout mode, layer norm)."""
     width = solve_hidden_size(spec, task.vocab_size, hparams.num_layers, hparams.parameter_budget)
-    return hparams.num_layers, width, float(hparams.dropout)
+    return hparams.num_layers, width, float(hparams.dropout), hparams.dropout_mode, hparams.layer_norm
 
 
 def batching_pays(spec: CellSpec, task: Task, hparams: HyperParams) -> bool:
