@@ -226,6 +226,9 @@ def open_run(run_dir: str | Path, log: Callable[[str], None] | None = None,
     log = log or (lambda message: print(message, file=sys.stderr))
     run_dir = Path(run_dir)
     info = read_run_info(run_dir)
+    if info.get("archive"):  # before a lock file or a Ray instance: an archive is read, never resumed
+        raise UserError(f"{run_dir} is an archive of a run (cellsearch archive): top, show, export, report and "
+                        f"load_run read it; a search cannot continue from it")
     config_file = run_dir / "config.yaml"
     file_config = from_mapping(SearchConfig, load_yaml(config_file)) if config_file.is_file() else None
     retry_s = file_config.storage_retry_s if file_config is not None else DEFAULT_RETRY_S
