@@ -288,7 +288,7 @@ def test_retrain_killed_at_random_moments_resumes_to_the_same_result(tmp_path):
     print(f"\nretrain kills: {kills} ({mid_training} after the attempt had written a checkpoint)")
     # the tiny retrain may end before every round's kill lands (a round can cover several epochs)
     assert kills >= 3 and mid_training >= 3
-    compared = ["cell", "hash", "seed", "status", "hidden_size", "score", "valid_loss", "test_loss", "best_epoch",
+    compared = ["cell", "cell_hash", "seed", "status", "hidden_size", "metric", "valid_loss", "test_loss", "best_epoch",
                 "epochs", "steps"]
     pd.testing.assert_frame_equal(pd.read_csv(out / "results.csv")[compared],
                                   pd.read_csv(reference / "results.csv")[compared])

@@ -35,7 +35,7 @@ TASK, PRESET = "memorize", "tiny"
 #: The same retrain everywhere: the gru plus the lstm_b baseline, two seeds each (four runs of 12 steps).
 ARGS = ["gru", "--task", TASK, "--preset", PRESET, "--seeds", "2", "--baselines", "lstm_b"]
 #: Columns that must be identical between an interrupted-and-resumed retrain and an uninterrupted one.
-COMPARED = ["cell", "hash", "seed", "status", "hidden_size", "parameter_count", "score", "valid_accuracy",
+COMPARED = ["cell", "cell_hash", "seed", "status", "hidden_size", "parameter_count", "metric", "valid_accuracy",
             "test_accuracy", "valid_loss", "test_loss", "best_epoch", "epochs", "steps"]
 #: How the reference retrain runs (the options ARGS give the CLI).
 OPTIONS = RetrainOptions(seeds=2, baselines=("lstm_b",), in_process=True)
@@ -305,7 +305,7 @@ def test_seeds_trained_as_one_batched_model_equal_separate_runs(tmp_path, refere
             dataclasses.replace(OPTIONS, batching=BatchingConfig(enabled=False)))
     assert json.loads((out / "plan.json").read_text()) == plan  # batching is not part of the plan: either resumes
     separate, together = pd.read_csv(out / "results.csv"), pd.read_csv(reference_dir / "results.csv")
-    exact = ["cell", "hash", "seed", "status", "hidden_size", "parameter_count", "best_epoch", "epochs", "steps"]
+    exact = ["cell", "cell_hash", "seed", "status", "hidden_size", "parameter_count", "best_epoch", "epochs", "steps"]
     pd.testing.assert_frame_equal(separate[exact], together[exact])
     close = [column for column in COMPARED if column not in exact]
     np.testing.assert_allclose(separate[close].to_numpy(float), together[close].to_numpy(float), rtol=2e-5, atol=1e-6)
@@ -327,7 +327,7 @@ def test_a_batched_seed_checkpoint_resumes_as_a_separate_run(tmp_path, reference
     assert completed.stderr.count("resumed from epoch 2") == 2, completed.stderr
     resumed, expected = pd.read_csv(out / "results.csv"), pd.read_csv(reference_dir / "results.csv")
     assert list(resumed["status"]) == list(expected["status"]) and list(resumed["steps"]) == list(expected["steps"])
-    np.testing.assert_allclose(resumed["score"], expected["score"], rtol=2e-5)
+    np.testing.assert_allclose(resumed["metric"], expected["metric"], rtol=2e-5)
     np.testing.assert_allclose(resumed["test_loss"], expected["test_loss"], rtol=2e-5)
 
 

@@ -86,9 +86,10 @@ def load_retrain(out_dir: str | os.PathLike) -> RetrainResults:
                 continue
             record = read_record(path)
             rows.append({
-                "cell": cell["label"], "role": cell["role"], "hash": cell["hash"], "seed_index": index, "seed": seed,
+                "cell": cell["label"], "role": cell["role"], "cell_hash": cell["hash"], "seed_index": index,
+                "seed": seed,
                 "status": record["status"], "hidden_size": record["hidden_size"],
-                "parameter_count": record["parameter_count"], "score": record["score"],
+                "parameter_count": record["parameter_count"], "metric": record["score"],
                 **{key: record["metrics"].get(key, math.nan) for key in (*metrics, "valid_loss", "test_loss")},
                 "best_epoch": record["metrics"].get("best_epoch", math.nan), "epochs": record["epochs"],
                 "steps": record["steps"], "duration_s": record["duration_s"],
@@ -97,8 +98,8 @@ def load_retrain(out_dir: str | os.PathLike) -> RetrainResults:
             for point in record["curve"]:
                 curve_rows.append({"cell": cell["label"], "role": cell["role"], "seed_index": index, "seed": seed,
                                    **point})
-    runs = pd.DataFrame(rows, columns=["cell", "role", "hash", "seed_index", "seed", "status", "hidden_size",
-                                       "parameter_count", "score", *metrics, "valid_loss", "test_loss",
+    runs = pd.DataFrame(rows, columns=["cell", "role", "cell_hash", "seed_index", "seed", "status", "hidden_size",
+                                       "parameter_count", "metric", *metrics, "valid_loss", "test_loss",
                                        "best_epoch", "epochs", "steps",
                                        "duration_s", "resumed_from_epoch"])
     curves = pd.DataFrame(curve_rows)
@@ -111,7 +112,7 @@ def _summarise(runs: pd.DataFrame, plan: Mapping[str, Any], metrics: Sequence[st
     for cell in plan["cells"]:
         mine = runs[runs["cell"] == cell["label"]]
         ok = mine[mine["status"].isin(["ok", "timeout"])]
-        row: dict[str, Any] = {"cell": cell["label"], "role": cell["role"], "hash": cell["hash"][:12],
+        row: dict[str, Any] = {"cell": cell["label"], "role": cell["role"], "short_hash": cell["hash"][:12],
                                "seeds": len(mine), "ok": len(ok),
                                "hidden_size": int(mine["hidden_size"].iloc[0]) if len(mine) else math.nan,
                                "parameter_count": int(mine["parameter_count"].iloc[0]) if len(mine) else math.nan}
@@ -147,7 +148,7 @@ def markdown_table(table: pd.DataFrame) -> str:
 def summary_markdown(results: RetrainResults) -> str:
     """The per-cell table in markdown: mean +- standard deviation over seeds of the main metrics."""
     table = results.summary
-    display = pd.DataFrame({"cell": table["cell"], "role": table["role"], "hash": table["hash"],
+    display = pd.DataFrame({"cell": table["cell"], "role": table["role"], "short hash": table["short_hash"],
                             "width": table["hidden_size"], "parameters": table["parameter_count"],
                             "seeds ok": [f"{ok}/{n}" for ok, n in zip(table["ok"], table["seeds"])]})
     for metric in results.metrics:
