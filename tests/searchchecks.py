@@ -170,11 +170,14 @@ def assert_search_consistent(database: str | Path, run_dir: Path, max_steps: int
     by_status = set(cells.loc[cells["status"] == "population", "cell_hash"])
     config = from_mapping(SearchConfig, load_yaml(run_dir / "config.yaml"))
     storage = RunStorage(url)
+    driver = None
     try:
         driver = SearchDriver(config, storage, SerialExecutor(task_loader(config)), task_loader(config))
         driver._rebuild()
         rebuilt = set(driver._population)
     finally:
+        if driver is not None:  # its Optuna connections hold the database file open (a test may unmount its disk)
+            driver.optuna_storage.engine.dispose()
         storage.close()
     assert replayed == by_status == rebuilt
     assert 0 < len(by_status) <= config.population_size

@@ -176,7 +176,8 @@ def test_a_run_database_named_by_another_search_is_refused_while_it_runs(tmp_pat
 @needs_postgres
 def test_two_run_dirs_on_one_postgres_database_exclude_each_other(tmp_path):
     with fresh_postgres_database("cellsearch_lock") as url:
-        config = tiny_config(tmp_path, max_steps=50)
+        # long enough that neither driver can finish before it is stopped, however slow the machine
+        config = tiny_config(tmp_path, max_steps=5000)
         run_dir = tmp_path / "run"
         first = start("search", str(config), "--executor", "serial", "--no-progress", "--run-dir", str(run_dir),
                       "--storage", url)
