@@ -143,6 +143,21 @@ def test_promotion_adds_a_rung_stage_after_the_filter():
             tiny_config(promotion=bad)
 
 
+def test_filter_promotion_adds_a_rung_stage_before_the_filter():
+    config = tiny_config(filter_promotion={"enabled": True}, promotion={"enabled": True})
+    assert [(s.tasks, s.gate, s.rung) for s in stages_for("mutate", config)] == [
+        (("memorize",), "filter_promote", True), (("memorize",), "memorize", False),
+        (("arithmetic", "xml"), "promote", True), (("arithmetic",), "ratio", False), (("xml",), "ratio", False)]
+    assert [s.gate for s in stages_for("seed", config)] == ["none"]
+    with pytest.raises(ConfigError, match="filter_promotion.enabled: there is no memorisation filter"):
+        tiny_config(filter_promotion={"enabled": True}, memorize_task=None)
+    for bad, key in [({"eta": 1}, "filter_promotion.eta"), ({"fraction": 1}, "filter_promotion.fraction"),
+                     ({"grace": -1}, "filter_promotion.grace"), ({"initial_cells_compete": True},
+                                                                 "filter_promotion.initial_cells_compete")]:
+        with pytest.raises(ConfigError, match=key):
+            tiny_config(filter_promotion=bad)
+
+
 def test_score_is_min_ratio_to_the_reference():
     best = {("g", "a"): 0.5, ("g", "b"): 0.2, ("c", "a"): 0.6, ("c", "b"): 0.1}
     assert score_of(best, "c", "g", ("a", "b")) == pytest.approx(0.5)
@@ -378,20 +393,25 @@ def asha_decisions(values: list[float], eta: int) -> list[bool]:
 
 
 @pytest.mark.slow
-def test_promotion_across_candidates(tmp_path):
+@pytest.mark.parametrize("rule", [{"initial_cells_compete": True, "grace": 0}, {"grace": 2}],
+                         ids=["initial-cells-compete", "grace"])
+def test_promotion_across_candidates(tmp_path, rule):
     """Smoke budget (2 epochs of 5 steps) with the rung at half of it: every candidate past the filter trains its
     settings on every task to 5 steps (status rung, PRUNED trials with their curve, never a cell's best); the
-    promotion study's decisions follow ASHA's rule over the rung scores in the order they were measured; a promoted
-    candidate trains the same settings on the same seeds at the full budget, and its rung runs are exact prefixes of
-    those; the cells table says where each candidate stopped and why; an interrupted search resumes to the same
-    search."""
+    promotion study's decisions follow ASHA's rule over the rung scores in the order they were measured (the
+    initial cells' values first when they compete; the first ``grace`` candidates promoted whatever their value,
+    which still competes); a promoted candidate trains the same settings on the same seeds at the full budget, and
+    its rung runs are exact prefixes of those; the cells table says where each candidate stopped and why; an
+    interrupted search resumes to the same search."""
     import optuna
     from optuna.trial import TrialState
 
     from cellsearch.search.driver import PROMOTION_STUDY
     from searchchecks import assert_search_consistent
 
-    config = tiny_config(**PROMOTION)
+    config = tiny_config(**{**PROMOTION, "promotion": {**PROMOTION["promotion"], **rule}})
+    compete = config.promotion.initial_cells_compete
+    first = 2 if compete else 0  # the initial cells' trials
     run_serial(config, tmp_path / "promotion")
     assert_search_consistent(tmp_path / "promotion", tmp_path / "promotion", max_steps=10)
     results = load_run(tmp_path / "promotion")
@@ -410,14 +430,16 @@ def test_promotion_across_candidates(tmp_path):
     url = f"sqlite:///{tmp_path / 'promotion' / 'run.db'}"
     study = optuna.load_study(study_name=PROMOTION_STUDY, storage=url)
     trials = sorted(study.get_trials(deepcopy=False), key=lambda t: t.number)
-    assert [t.user_attrs["step"] for t in trials[:2]] == [0, 1]
-    candidates = trials[2:]
+    assert [t.user_attrs["step"] for t in trials[:first]] == list(range(first))
+    assert all(t.user_attrs["step"] >= 2 for t in trials[first:])
+    candidates = trials[first:]
     measured = [cells.at[t.user_attrs["cell_hash"], "promotion_score"] for t in candidates]
     values = [trial.intermediate_values[1] for trial in trials]
-    assert values[2:] == pytest.approx([v if v == v else 0.0 for v in measured])
-    expected = asha_decisions(values, eta=2)[2:]
+    assert values[first:] == pytest.approx([v if v == v else 0.0 for v in measured])
+    grace = config.promotion.grace
+    expected = [True] * min(grace, len(candidates)) + asha_decisions(values, eta=2)[first + grace:]
     assert [t.state == TrialState.COMPLETE for t in candidates] == expected
-    assert 0 < sum(expected) < len(expected), "this seed was chosen for both outcomes"
+    assert 0 < sum(expected[grace:]) < len(expected[grace:]), "this seed was chosen for both outcomes"
     for trial in candidates:
         cell = trial.user_attrs["cell_hash"]
         row = cells.loc[cell]
@@ -435,6 +457,8 @@ def test_promotion_across_candidates(tmp_path):
             full_rows = full[full["task"] == task].sort_values("trial_number")
             if full_rows.empty:  # an earlier task's early stop ended the candidate
                 continue
+            # a setting that failed at the rung (diverged, ...) is not trained again: its result stands
+            rung_rows = rung_rows[~rung_rows["status"].isin(["diverged", "oom", "error"])]
             assert list(full_rows["seed"]) == list(rung_rows.sort_values("trial_number")["seed"])
             for short, long in zip(rung_rows.sort_values("trial_number").itertuples(), full_rows.itertuples()):
                 assert short.learning_rate == long.learning_rate
@@ -445,11 +469,69 @@ def test_promotion_across_candidates(tmp_path):
     best = kept.groupby(["cell_hash", "task"])["metric"].max()
     for cell, row in cells.iterrows():
         assert row["metric_arithmetic"] == pytest.approx(best.get((cell, "arithmetic"), float("nan")), nan_ok=True)
+    if compete:
+        return  # resume is the same code for both rules: tested once, with the default rule
     # interrupted twice (mid-rung and later), resumed: the same search
     run_serial(config, tmp_path / "interrupted", stop_after_units=12)
     run_serial(config, tmp_path / "interrupted", stop_after_units=30)
     run_serial(config, tmp_path / "interrupted")
     pd.testing.assert_frame_equal(trained(tmp_path / "promotion"), trained(tmp_path / "interrupted"))
+
+
+@pytest.mark.slow
+def test_filter_promotion(tmp_path):
+    """The filter's own rung (smoke memorisation budget, rung at half of it): every candidate trains the filter's
+    settings to the rung (status rung, PRUNED trials, never its best); the filter-promotion study decides by ASHA's
+    rule over the candidates' best rung accuracies in the order measured, the first ``grace`` always; a promoted
+    candidate trains the same settings on the same seeds through the whole filter (the rung run a prefix of it) and
+    goes on; the others end rejected_by filter_promotion with nothing else trained; a resumed search is the same."""
+    import optuna
+    from optuna.trial import TrialState
+
+    from cellsearch.search.driver import FILTER_PROMOTION_STUDY
+    from searchchecks import assert_search_consistent
+
+    config = tiny_config(filter_promotion={"enabled": True, "eta": 2, "fraction": 0.5, "grace": 1}, max_steps=10)
+    run_serial(config, tmp_path / "filter")
+    assert_search_consistent(tmp_path / "filter", tmp_path / "filter", max_steps=10)
+    results = load_run(tmp_path / "filter")
+    try:
+        evaluations, cells, steps = results.evaluations(), results.cells().set_index("cell_hash"), results.steps()
+        curves = results._read(sa.select(EVALUATIONS.c.cell_hash, EVALUATIONS.c.task, EVALUATIONS.c.trial_number,
+                                         EVALUATIONS.c.curve_json))
+    finally:
+        results.close()
+    curves = {(row.cell_hash, row.task, row.trial_number): json.loads(row.curve_json or "[]")
+              for row in curves.itertuples()}
+    memorize = evaluations[evaluations["task"] == "memorize"]
+    rung = memorize[memorize["status"] == "rung"]
+    assert len(rung) >= 4 and (rung["train_steps"] == 5).all()
+    study = optuna.load_study(study_name=FILTER_PROMOTION_STUDY, storage=f"sqlite:///{tmp_path / 'filter' / 'run.db'}")
+    trials = sorted(study.get_trials(deepcopy=False), key=lambda t: t.number)
+    values = [trial.intermediate_values[1] for trial in trials]
+    for trial, value in zip(trials, values):  # the value is the best accuracy of the cell's rung settings
+        cell_rung = memorize[(memorize["cell_hash"] == trial.user_attrs["cell_hash"]) & (memorize["trial_number"] == 0)]
+        assert value == pytest.approx(cell_rung["metric"].max())
+    expected = [True] + asha_decisions(values, eta=2)[1:]
+    assert [t.state == TrialState.COMPLETE for t in trials] == expected
+    assert 0 < sum(expected[1:]) < len(expected[1:]), "this seed was chosen for both outcomes"
+    for trial in trials:
+        cell = trial.user_attrs["cell_hash"]
+        mine = evaluations[evaluations["cell_hash"] == cell]
+        outcome = steps.loc[steps["step"] == trial.user_attrs["step"], "outcome"].item()
+        if trial.state == TrialState.PRUNED:
+            assert outcome == "rejected:filter_promotion" and cells.at[cell, "rejected_by"] == "filter_promotion"
+            assert set(mine["status"]) <= {"rung", "diverged"} and set(mine["task"]) == {"memorize"}
+            continue
+        assert outcome != "rejected:filter_promotion"
+        short, long = (mine[(mine["task"] == "memorize") & (mine["trial_number"] == n)] for n in (0, 1))
+        assert long["seed"].item() == short["seed"].item() and long["status"].item() != "rung"
+        full, prefix = curves[(cell, "memorize", 1)], curves[(cell, "memorize", 0)]
+        assert [p["score"] for p in full[:len(prefix)]] == [p["score"] for p in prefix]
+        assert cells.at[cell, "metric_memorize"] == pytest.approx(long["metric"].item())
+    run_serial(config, tmp_path / "interrupted", stop_after_units=7)
+    run_serial(config, tmp_path / "interrupted")
+    pd.testing.assert_frame_equal(trained(tmp_path / "filter"), trained(tmp_path / "interrupted"))
 
 
 def test_halving_needs_several_settings_per_unit():

@@ -159,6 +159,9 @@ def run_search(config, storage, run_dir: Path, args: argparse.Namespace, executo
     errors = f" ({outcome.errors} failed with an error, scored 0)" if outcome is not None and outcome.errors else ""
     print(f"steps {progress.steps_done}, units {progress.units_done}, evaluations {progress.evaluations}{errors}, "
           f"cells evaluated {progress.cells_evaluated}")
+    if config.filter_promotion.enabled:
+        print(f"candidates measured at the filter's rung: {progress.filter_rung_measured}, promoted through the "
+              f"whole filter: {progress.filter_promoted}")
     if config.promotion.enabled:
         print(f"candidates measured at the promotion rung: {progress.rung_measured}, promoted to the "
               f"full budget: {progress.promoted}")

@@ -26,7 +26,7 @@ from typing import Any, Literal, Mapping
 from cellsearch.batching import BatchingConfig
 from cellsearch.config import ConfigError, from_mapping, load_yaml, option, to_mapping
 from cellsearch.devices import is_device_name
-from cellsearch.fidelity import HalvingConfig, PromotionConfig
+from cellsearch.fidelity import FilterPromotionConfig, HalvingConfig, PromotionConfig
 from cellsearch.errors import UserError, shown
 
 __all__ = ["ResourcesConfig", "SearchConfig", "load_search_config", "resolve_ptb_dir", "PTB_ENV"]
@@ -155,6 +155,11 @@ class SearchConfig:
         "every task to a cheap rung, and only the top 1/eta of the candidates measured there go on to the full budget "
         "(the stopped ones end rejected_by 'promotion'); the early stop (early_stop_fraction) still applies at the "
         "full budget", factory=PromotionConfig)
+    filter_promotion: FilterPromotionConfig = option(
+        None, "promotion through the memorisation filter (ASHA): a candidate trains the filter to a cheap rung first "
+        "and trains the whole filter only when its accuracy there is in the top 1/eta of the candidates measured "
+        "there (the stopped ones end rejected_by 'filter_promotion'); off: every candidate trains the whole filter",
+        factory=FilterPromotionConfig)
     storage: str | None = option(
         None, "SQLAlchemy URL of the run database (null: SQLite in the run directory); a password in it is accepted "
         "with a warning, used for this session and never written anywhere (resume and load_run take it from "
@@ -191,6 +196,9 @@ class SearchConfig:
         if self.reference_cell not in self.initial_cells:
             raise ConfigError(f"reference_cell: {self.reference_cell!r} is not one of initial_cells "
                               f"{list(self.initial_cells)}")
+        if self.filter_promotion.enabled and self.memorize_task is None:
+            raise ConfigError("filter_promotion.enabled: there is no memorisation filter (memorize_task is null) "
+                              "to promote candidates through")
         if self.memorize_task is not None and self.memorize_task in self.tasks:
             raise ConfigError(f"memorize_task: {self.memorize_task!r} is also a scored task")
         if self.storage is not None:

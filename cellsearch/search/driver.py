@@ -95,7 +95,7 @@ class Stage:
 
     tasks: tuple[str, ...]
     settings: int
-    gate: str  # none | memorize | ratio | promote
+    gate: str  # none | filter_promote | memorize | promote | ratio
     #: Trained only to the promotion rung (``promotion`` config); its evaluations have status ``rung``.
     rung: bool = False
 
@@ -107,6 +107,8 @@ def stages_for(kind: str, config: SearchConfig) -> list[Stage]:
     if kind == "confirm":
         return [Stage(config.tasks, config.confirm_seeds, "none")]
     memorize = [Stage((config.memorize_task,), config.memorize_settings, "memorize")] if config.memorize_task else []
+    if memorize and config.filter_promotion.enabled:
+        memorize.insert(0, Stage((config.memorize_task,), config.memorize_settings, "filter_promote", rung=True))
     rung = [Stage(config.tasks, config.settings_per_task, "promote", rung=True)] if config.promotion.enabled else []
     return memorize + rung + [Stage((task,), config.settings_per_task, "ratio") for task in config.tasks]
 
@@ -147,6 +149,9 @@ class Progress:
     #: With ``promotion``: candidates measured at the rung, and those promoted to the full budget.
     rung_measured: int = 0
     promoted: int = 0
+    #: With ``filter_promotion``: candidates measured at the filter's rung, and those that trained the whole filter.
+    filter_rung_measured: int = 0
+    filter_promoted: int = 0
 
 
 @dataclass
@@ -514,7 +519,8 @@ class SearchDriver:
         if active.kind == "confirm":
             self._plan_confirmation(active, stage)
             return
-        if active.kind == "mutate" and stage.gate == "ratio" and self.config.promotion.enabled:
+        if active.kind == "mutate" and ((stage.gate == "ratio" and self.config.promotion.enabled)
+                                        or (stage.gate == "memorize" and self.config.filter_promotion.enabled)):
             self._plan_promoted(active, stage)
             return
 
@@ -806,6 +812,8 @@ class SearchDriver:
                 return task
         elif stage.gate == "promote":
             return None if self._promotion(active)["promoted"] else "promotion"
+        elif stage.gate == "filter_promote":
+            return None if self._filter_promotion(active) else "filter_promotion"
         elif stage.gate == "ratio":
             task = stage.tasks[0]
             reference = self._best.get((self.reference_hash, task), 0.0)
@@ -871,14 +879,17 @@ class SearchDriver:
         return stages_for(active.kind, self.config)[unit["stage"]].rung
 
     def _rung_step(self, task: str) -> int:
-        """The promotion rung of ``task``: ``promotion.fraction`` of the profile budget's planned steps, rounded up
-        to whole epochs (:func:`cellsearch.fidelity.rung_steps`'s first rung)."""
+        """The promotion rung of ``task``: ``promotion.fraction`` (``filter_promotion.fraction`` for the filter task)
+        of the profile budget's planned steps, rounded up to whole epochs (:func:`cellsearch.fidelity.rung_steps`'s
+        first rung)."""
         if task not in self._rung_steps:
             from cellsearch.fidelity import HalvingConfig
             from cellsearch.training.halving import unit_rungs
 
             budget = self._task(task).budget(self.config.budget_profile)
-            config = HalvingConfig(enabled=True, eta=2, min_fraction=self.config.promotion.fraction)
+            fraction = self.config.filter_promotion.fraction if task == self.config.memorize_task \
+                else self.config.promotion.fraction
+            config = HalvingConfig(enabled=True, eta=2, min_fraction=fraction)
             self._rung_steps[task] = unit_rungs(self._task(task), budget, config)[0]
         return self._rung_steps[task]
 
@@ -909,40 +920,67 @@ class SearchDriver:
         """The step's promotion decision: recorded, or asked of the ``promotion`` study now and recorded."""
         decision = self._promotions.get(active.step)
         if decision is None:
-            # the initial cells compete too, with their full runs read at the rung (once, when the first candidate
-            # reaches the rung: every seed step is done by then)
-            for step, name in enumerate(self.config.initial_cells):
-                if step not in self._promotions:
-                    self._decide_promotion(step, zoo.get(name).hash, initial=True)
-            decision = self._decide_promotion(active.step, active.cell_hash)
+            promotion = self.config.promotion
+            if promotion.initial_cells_compete:
+                # their full runs read at the rung (once, when the first candidate reaches the rung: every seed step
+                # is done by then)
+                for step, name in enumerate(self.config.initial_cells):
+                    if step not in self._promotions:
+                        self._decide_promotion(step, zoo.get(name).hash, initial=True)
+            # decisions are recorded, so a resumed driver counts the same candidates before this one
+            earlier = sum(1 for step in self._promotions if step not in self._initial_steps())
+            decision = self._decide_promotion(active.step, active.cell_hash, grace=earlier < promotion.grace)
             self.progress.rung_measured += 1
             self.progress.promoted += bool(decision["promoted"])
+            rule = (f"one of the first {promotion.grace} candidates measured there, promoted whatever its score"
+                    if earlier < promotion.grace else
+                    f"top 1/{promotion.eta} of the candidates measured there go on")
             self._log(f"step {active.step}: {active.cell_hash[:12]} scored {decision['score']:.4f} at the rung: "
-                      f"{'promoted' if decision['promoted'] else 'not promoted'} (top 1/{self.config.promotion.eta} "
-                      f"of the candidates measured there go on)")
+                      f"{'promoted' if decision['promoted'] else 'not promoted'} ({rule})")
         return decision
 
-    def _decide_promotion(self, step: int, cell_hash: str, initial: bool = False) -> Mapping[str, Any]:
+    def _decide_promotion(self, step: int, cell_hash: str, initial: bool = False,
+                          grace: bool = False) -> Mapping[str, Any]:
         """Ask the ``promotion`` study's SuccessiveHalvingPruner about the cell's rung score; record the answer.
 
         One trial per step, the rung score reported at step 1 (the pruner's rung 0). An initial cell is always
-        "promoted" (it was trained at the full budget); it is there to compete. A trial finished by an attempt
-        whose record was lost gives its decision again; one left RUNNING by a crash is closed as FAIL and asked
-        anew (its rung value then counts twice among the competitors: a crash in a window of milliseconds).
+        "promoted" (it was trained at the full budget); it is there to compete. A candidate within the
+        ``promotion.grace`` first is promoted too, its value told so that it competes with later ones. A trial
+        finished by an attempt whose record was lost gives its decision again; one left RUNNING by a crash is closed
+        as FAIL and asked anew (its rung value then counts twice among the competitors: a crash in a window of
+        milliseconds).
         """
         import optuna
         from optuna.trial import TrialState
 
         score = self._rung_score(cell_hash)
         value = score if math.isfinite(score) else 0.0  # no score at the rung ranks last
-        promotion = self.config.promotion
+        promoted, trial_number = self._ask_asha(PROMOTION_STUDY, self.config.promotion.eta, step, cell_hash, value,
+                                                forced=initial or grace)
+        self.storage.record_promotion(step, cell_hash, score, promoted, trial_number)
+        decision = {"step": step, "cell_hash": cell_hash, "score": score, "promoted": promoted,
+                    "trial_number": trial_number}
+        self._promotions[step] = decision
+        return decision
+
+    def _ask_asha(self, study_name: str, eta: int, step: int, cell_hash: str, value: float, forced: bool = False,
+                  grace: int = 0) -> tuple[bool, int]:
+        """ASHA's decision for one candidate, from Optuna's SuccessiveHalvingPruner on ``study_name`` (one trial per
+        step, ``value`` reported at step 1, the pruner's rung 0): (promoted, trial number). ``forced``, or fewer than
+        ``grace`` decisions in the study before this one, promotes whatever the value (which still competes). The
+        study is the record: a step's finished trial gives its decision again (a retried or resumed ask); one left
+        RUNNING by a crash is closed as FAIL and asked anew."""
+        import optuna
+        from optuna.trial import TrialState
 
         def ask() -> tuple[bool, int]:
             study = self._optuna.create_study(
-                storage=self.optuna_storage, study_name=PROMOTION_STUDY, direction="maximize", load_if_exists=True,
-                pruner=optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=promotion.eta))
+                storage=self.optuna_storage, study_name=study_name, direction="maximize", load_if_exists=True,
+                pruner=optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=eta))
+            decided = 0
             for trial in study.get_trials(deepcopy=False):
                 if trial.user_attrs.get("step") != step:
+                    decided += trial.state in (TrialState.COMPLETE, TrialState.PRUNED)
                     continue
                 if trial.state in (TrialState.COMPLETE, TrialState.PRUNED):
                     return trial.state == TrialState.COMPLETE, trial.number
@@ -952,20 +990,34 @@ class SearchDriver:
             trial.set_user_attr("cell_hash", cell_hash)
             trial.set_user_attr("cell", self._spec(cell_hash).name or cell_hash[:12])
             trial.report(value, 1)
-            pruned = trial.should_prune()  # also for an initial cell: it records the cell's value at the rung
-            promoted = initial or not pruned
+            pruned = trial.should_prune()  # also for a forced one: it records the value at the rung
+            promoted = forced or decided < grace or not pruned
             if promoted:
                 study.tell(trial, value)
             else:
                 study.tell(trial, state=TrialState.PRUNED)
             return promoted, trial.number
 
-        promoted, trial_number = self.storage.retry(ask, f"decide the promotion of step {step}")
-        self.storage.record_promotion(step, cell_hash, score, promoted, trial_number)
-        decision = {"step": step, "cell_hash": cell_hash, "score": score, "promoted": promoted,
-                    "trial_number": trial_number}
-        self._promotions[step] = decision
-        return decision
+        return self.storage.retry(ask, f"decide the promotion of step {step} ({study_name})")
+
+    def _filter_promotion(self, active: _ActiveStep) -> bool:
+        """Whether a candidate measured at the filter's rung trains the whole filter (``filter_promotion``): its
+        best accuracy at the rung (a failed setting counts 0) against the candidates measured there so far."""
+        task = self.config.memorize_task
+        values = [float(row["score"]) for unit_id, unit in sorted(active.units.items())
+                  if unit["task"] == task and self._is_rung(active, unit)
+                  for row in self.storage.evaluations_of_unit(unit_id)]
+        values = [value for value in values if math.isfinite(value)]
+        value = max(values) if values else 0.0
+        config = self.config.filter_promotion
+        promoted, _ = self._ask_asha(FILTER_PROMOTION_STUDY, config.eta, active.step, active.cell_hash, value,
+                                     grace=config.grace)
+        self.progress.filter_rung_measured += 1
+        self.progress.filter_promoted += promoted
+        self._log(f"step {active.step}: {active.cell_hash[:12]} reached {value:.3f} on {task} at the filter's rung: "
+                  f"{'promoted' if promoted else 'not promoted'} (top 1/{config.eta} of the candidates measured "
+                  f"there, the first {config.grace} always)")
+        return promoted
 
     # -- helpers ------------------------------------------------------------------------------------------------
 
@@ -1029,6 +1081,9 @@ class SearchDriver:
 
 #: The Optuna study of the promotion decisions (one trial per candidate measured at the rung).
 PROMOTION_STUDY = "promotion"
+
+#: The Optuna study of the filter's promotion decisions (one trial per candidate measured at the filter's rung).
+FILTER_PROMOTION_STUDY = "filter-promotion"
 
 #: Statuses told to Optuna as FAIL: the setting produced no usable score (its evaluation row scores 0).
 _FAILED = ("diverged", "oom", "error")
