@@ -119,6 +119,9 @@ def main() -> int:
     search = subprocess.Popen(command, start_new_session=True)
     started = time.monotonic()
     deadline = started + args.minutes * 60
+    # the search refuses a run directory holding other files: write into it only once the run exists
+    while search.poll() is None and not (args.run_dir / "run.json").exists():
+        time.sleep(0.2)
     args.run_dir.mkdir(parents=True, exist_ok=True)
     memory_file = args.run_dir / "memory.csv"
     rows: list[dict[str, object]] = []

@@ -95,10 +95,11 @@ def committed(database: str | Path) -> list[tuple]:
 
 
 def assert_nothing_twice(rows: list[tuple]) -> None:
-    """One row per (cell, task, Optuna trial) and per (cell, task, setting)."""
+    """One row per (cell, task, Optuna trial) and per (cell, task, setting, seed)."""
     trials = [(cell, task, trial) for _, _, cell, task, trial, *_ in rows]
-    # a promoted candidate trains its rung settings again at the full budget (the rung run is a prefix): by design
-    settings = [(cell, task, params) for _, _, cell, task, _, params, *rest in rows if rest[-1] != "rung"]
+    # a promoted candidate trains its rung settings again at the full budget (the rung run is a prefix), and a confirm
+    # step trains a best setting again on fresh seeds: both by design
+    settings = [(cell, task, params, seed) for _, _, cell, task, _, params, seed, *rest in rows if rest[-1] != "rung"]
     assert len(set(trials)) == len(trials), "an Optuna trial was counted twice"
     assert len(set(settings)) == len(settings), "a setting of a cell on a task was trained twice"
 
@@ -135,7 +136,7 @@ def assert_search_consistent(database: str | Path, run_dir: Path, max_steps: int
         specs = {cell_hash: results.spec(cell_hash) for cell_hash in cells["cell_hash"]}
     finally:
         results.close()
-    assert (steps["kind"] != "seed").sum() == max_steps
+    assert (~steps["kind"].isin(["seed", "confirm"])).sum() == max_steps  # a confirm step is extra
     assert (steps["status"] == "done").all() and (units["status"] == "done").all()
 
     # Every evaluation is a finished Optuna trial with the same score; no trial is left RUNNING.

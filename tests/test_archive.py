@@ -91,3 +91,28 @@ def test_the_committed_reference_run_can_be_re_reported(tmp_path):
     assert done.returncode == 0, done.stderr
     page = (tmp_path / "report" / "index.html").read_text()
     assert "gru" in page and (tmp_path / "report" / "leaderboard.csv").is_file()
+
+
+def test_filter_rung_replay_of_the_committed_run():
+    """benchmarks/filter_rung.py on the committed one-hour run: the replay's bookkeeping holds (a rung at the whole
+    filter loses nothing and, continuing, costs exactly the run's filter time; ASHA with eta 3 lets through about a
+    third), and it reproduces the committed table."""
+    import sys
+
+    import pandas as pd
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        from filter_rung import asha, replay
+    finally:
+        sys.path.pop(0)
+    assert asha([0.1, 0.5, 0.2, 0.9, 0.05, 0.3], eta=3, grace=1) == [True, True, False, True, False, False]
+    table, summary = replay(str(COMMITTED), [0.25, 1.0], [3], grace=3)
+    whole = table[table["fraction"] == 1.0].iloc[0]
+    assert whole["passers_lost"] == 0 and whole["cost_continue"] == pytest.approx(1.0)
+    assert summary["filter_runs"] == 305 and whole["passed"] == 43
+    committed = pd.read_csv(REPO / "results" / "multifidelity" / "filter_rung.csv")
+    ours = committed[(committed["fraction"] == 0.25) & (committed["eta"] == 3)].iloc[0]
+    mine = table[table["fraction"] == 0.25].iloc[0]
+    assert (mine["promoted"], mine["passers_lost"], mine["cost_restart"]) == \
+        (ours["promoted"], ours["passers_lost"], ours["cost_restart"])

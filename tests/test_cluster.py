@@ -305,6 +305,33 @@ def test_ray_job_submit_with_an_absolute_run_directory(cluster, tmp_path):
     assert table(run_dir, "select distinct status from cs_evaluations") == [("ok",)]
 
 
+@pytest.mark.slow
+def test_multifidelity_search_on_a_cluster(cluster, tmp_path):
+    """Every multi-fidelity rule at once through `--address` on a token-authenticated `ray start` cluster: the
+    filter's rung, successive halving within units, promotion across candidates and the confirm step; the search
+    ends (exit 0) and storage, Optuna and the population agree."""
+    from searchchecks import assert_search_consistent
+
+    max_steps = 6
+    config = write_config(
+        tmp_path, tasks=["arithmetic"], initial_cells=["gru", "lstm"], memorize_task="memorize",
+        memorize_threshold=0.0, settings_per_task=2, settings_per_unit=2, max_steps=max_steps, seed=4,
+        fidelity={"enabled": True, "eta": 2, "min_fraction": 0.5},
+        promotion={"enabled": True, "eta": 2, "fraction": 0.5, "grace": 1},
+        filter_promotion={"enabled": True, "eta": 2, "fraction": 0.5, "grace": 1}, confirm_seeds=2)
+    run_dir = tmp_path / "run"
+    result = cellsearch(["search", str(config), "--run-dir", str(run_dir), "--address", cluster.address,
+                         "--no-progress"], cluster.env(), tmp_path)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "candidates measured at the filter's rung" in result.stdout
+    assert "candidates measured at the promotion rung" in result.stdout
+    assert_search_consistent(run_dir, run_dir, max_steps)
+    statuses = {row[0] for row in table(run_dir, "select distinct status from cs_evaluations")}
+    assert {"rung", "pruned"} <= statuses, statuses
+    names = {row[0] for row in table(run_dir, "select study_name from studies")}
+    assert {"promotion", "filter-promotion"} <= names, names
+
+
 # -- paths given on the command line (no Ray) -------------------------------------------------------------------
 
 def test_relative_paths_are_resolved_against_the_directory_the_command_ran_in(tmp_path, monkeypatch):
