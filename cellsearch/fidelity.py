@@ -33,6 +33,20 @@ from cellsearch.config import ConfigError, from_mapping, option, shown, to_mappi
 __all__ = ["HalvingConfig", "PromotionConfig", "FilterPromotionConfig", "rung_steps", "survivors", "best_until"]
 
 
+class _Options:
+    """What every multi-fidelity config does: check its values when built, convert to and from a mapping."""
+
+    def __post_init__(self) -> None:
+        _check_fields(self)
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_mapping(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | None):
+        return from_mapping(cls, dict(data or {}))
+
+
 def _check_fields(config: Any) -> None:
     """``from_dict`` checks values before building; this catches a config built directly with a bad value."""
     for item in dataclasses.fields(config):
@@ -43,7 +57,7 @@ def _check_fields(config: Any) -> None:
 
 
 @dataclass(frozen=True)
-class HalvingConfig:
+class HalvingConfig(_Options):
     """Whether and how a unit's settings are pruned rung by rung (successive halving)."""
 
     enabled: bool = option(False, "successive halving over a unit's settings; off trains every setting to the full "
@@ -56,16 +70,6 @@ class HalvingConfig:
         "end, about 2.3 full runs' steps instead of 9",
         check=lambda f: 0 < f <= 1, rule="0 < f <= 1",
     )
-
-    def __post_init__(self) -> None:
-        _check_fields(self)
-
-    def to_dict(self) -> dict[str, Any]:
-        return to_mapping(self)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any] | None) -> "HalvingConfig":
-        return from_mapping(cls, dict(data or {}))
 
 
 def rung_steps(total_steps: int, steps_per_epoch: int, eta: int, min_fraction: float) -> list[int]:
@@ -103,7 +107,7 @@ def survivors(count: int, eta: int) -> int:
 
 
 @dataclass(frozen=True)
-class PromotionConfig:
+class PromotionConfig(_Options):
     """Whether and how candidates are promoted from a cheap rung to the full budget (ASHA across candidates)."""
 
     enabled: bool = option(False, "a candidate that passed the filter trains every task to the cheap rung first and "
@@ -128,19 +132,9 @@ class PromotionConfig:
         "of full-budget members early; 3 = one eta's worth",
         check=lambda n: n >= 0, rule=">= 0")
 
-    def __post_init__(self) -> None:
-        _check_fields(self)
-
-    def to_dict(self) -> dict[str, Any]:
-        return to_mapping(self)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any] | None) -> "PromotionConfig":
-        return from_mapping(cls, dict(data or {}))
-
 
 @dataclass(frozen=True)
-class FilterPromotionConfig:
+class FilterPromotionConfig(_Options):
     """Whether and how candidates are promoted from a cheap rung of the memorisation filter to the whole filter.
 
     The filter is where a search's compute goes (it rejects most candidates, each after its full training), so
@@ -162,16 +156,6 @@ class FilterPromotionConfig:
     grace: int = option(3, "the first `grace` candidates measured at the rung are promoted whatever their accuracy "
                         "(their values still compete): ASHA's rule for its first few values promotes only a new best",
                         check=lambda n: n >= 0, rule=">= 0")
-
-    def __post_init__(self) -> None:
-        _check_fields(self)
-
-    def to_dict(self) -> dict[str, Any]:
-        return to_mapping(self)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any] | None) -> "FilterPromotionConfig":
-        return from_mapping(cls, dict(data or {}))
 
 
 def best_until(curve: Sequence[Mapping[str, Any]], step: int) -> float:

@@ -73,25 +73,31 @@ def best_vs_evaluations(run, cells: pd.DataFrame) -> pd.DataFrame:
     minimum over tasks of its best so far divided by the reference cell's final
     best (``cells.attrs['reference_best']``).
     """
-    evaluations = run.evaluations()
+    # only the four columns the curve needs (a run object without the narrow reader: every column)
+    evaluations = run.evaluation_scores() if hasattr(run, "evaluation_scores") else run.evaluations()
     tasks = list(run.tasks)
     reference_best = cells.attrs.get("reference_best", {})
     reference = run.reference_hash
     best: dict[tuple[str, str], float] = {}
     running_best = math.nan
-    rows = []
-    for number, row in enumerate(evaluations.itertuples(index=False), start=1):
-        if row.task in tasks and row.cell_hash != reference and row.status not in PARTIAL_STATUSES:
-            key = (row.cell_hash, row.task)
-            metric = float(row.metric) if row.metric is not None and not pd.isna(row.metric) else 0.0
+    curve = []
+    for cell_hash, row_task, status, metric in zip(evaluations["cell_hash"], evaluations["task"],
+                                                   evaluations["status"], evaluations["metric"]):
+        if row_task in tasks and cell_hash != reference and status not in PARTIAL_STATUSES:
+            key = (cell_hash, row_task)
+            metric = float(metric) if metric is not None and not pd.isna(metric) else 0.0
             best[key] = max(best.get(key, -math.inf), metric)
-            if all((row.cell_hash, task) in best for task in tasks):
-                ratio = cell_score(task_ratio(best[(row.cell_hash, task)], reference_best.get(task))
+            if all((cell_hash, task) in best for task in tasks):
+                ratio = cell_score(task_ratio(best[(cell_hash, task)], reference_best.get(task))
                                    for task in tasks)
                 if not math.isnan(ratio) and (math.isnan(running_best) or ratio > running_best):
                     running_best = ratio
-        rows.append({"evaluations": number, "cell_hash": row.cell_hash, "task": row.task, "best_score": running_best})
-    return pd.DataFrame(rows, columns=["evaluations", "cell_hash", "task", "best_score"])
+        curve.append(running_best)
+    if not curve:
+        return pd.DataFrame([], columns=["evaluations", "cell_hash", "task", "best_score"])
+    return pd.DataFrame({"evaluations": range(1, len(curve) + 1), "cell_hash": evaluations["cell_hash"].to_numpy(),
+                         "task": evaluations["task"].to_numpy(), "best_score": curve},
+                        columns=["evaluations", "cell_hash", "task", "best_score"])
 
 
 def filter_statistics(cells: pd.DataFrame, tasks: Sequence[str], memorize_task: str | None,
@@ -106,6 +112,8 @@ def filter_statistics(cells: pd.DataFrame, tasks: Sequence[str], memorize_task: 
         ("duplicates (skipped)", int((rejected_by == "duplicate").sum())),
     ]
     if memorize_task:
+        if (rejected_by == "filter_promotion").any():
+            rows.append(("not promoted past the filter's rung", int((rejected_by == "filter_promotion").sum())))
         rows.append((f"failed memorisation ({memorize_task})", int((rejected_by == memorize_task).sum())))
     if "promoted" in candidates and candidates["promoted"].notna().any():
         rows.append(("measured at the promotion rung", int(candidates["promoted"].notna().sum())))
@@ -125,11 +133,13 @@ def _label(row: Any) -> str:
     return name if isinstance(name, str) and name else row.short_hash
 
 
-def lineage_table(run, hashes: Sequence[str]) -> pd.DataFrame:
-    """For each cell in ``hashes``: its chain of ancestors (oldest first) with the mutation that made each."""
+def lineage_table(run, hashes: Sequence[str], cells: pd.DataFrame | None = None) -> pd.DataFrame:
+    """For each cell in ``hashes``: its chain of ancestors (oldest first) with the mutation that made each.
+    ``cells``: the run's cells table, read once for every chain (by default each chain reads it)."""
     rows = []
     for rank, cell_hash in enumerate(hashes, start=1):
-        chain = run.lineage(cell_hash).iloc[::-1].reset_index(drop=True)
+        chain = (run.lineage(cell_hash) if cells is None else run.lineage(cell_hash, cells=cells)) \
+            .iloc[::-1].reset_index(drop=True)
         for depth, row in enumerate(chain.itertuples(index=False)):
             rows.append({"rank": rank, "cell_hash": cell_hash, "depth": depth, "ancestor": _label(row),
                          "ancestor_hash": row.cell_hash, "step_created": row.step_created, "score": row.score,
@@ -326,7 +336,7 @@ def _write_report(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None 
         tasks = list(run.tasks)
         reference_cell = config.reference_cell
         cells = run.cells()
-        evaluations_count = len(run.evaluations())
+        evaluations_count = run.evaluation_count()
 
         # Leaderboard: the cells that passed every filter (as `cellsearch top`), best first.
         scored = cells[cells["status"].isin(["population", "evaluated"]) & cells["score"].notna()].copy()
@@ -419,7 +429,7 @@ def _write_report(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None 
         # Lineage of the best cells.
         # Seed cells have no lineage to show: trace the best cells made by mutation.
         best_hashes = list(leaderboard.loc[leaderboard["parent_hash"].notna(), "cell_hash"].head(lineages))
-        lineage = lineage_table(run, best_hashes)
+        lineage = lineage_table(run, best_hashes, cells=cells)
         lineage.to_csv(out / "lineage.csv", index=False)
         files.append("lineage.csv")
         parts = []

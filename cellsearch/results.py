@@ -42,15 +42,53 @@ def describe_mutation(mutation_json: Any) -> tuple[str, str]:
         return "", "seed cell"
     record = json.loads(mutation_json)
     try:
-        from cellsearch.mutation import Mutation
-
-        operations = Mutation.from_dict(record).operations
+        operations = _operations(record)
         return ("+".join(operation.kind for operation in operations),
                 "; ".join(f"{operation.kind}: {operation.describe()}" for operation in operations))
     except Exception:  # noqa: BLE001 - an older or foreign record: show its operations as stored
         stored = record.get("operations", ())
         return ("+".join(str(op.get("kind", "?")) if isinstance(op, dict) else "?" for op in stored),
                 "; ".join(str(operation) for operation in stored))
+
+
+def _operations(record: Any) -> tuple:
+    """The operations of a stored mutation record, checked as ``Mutation.from_dict`` checks the record, except
+    that its child cell is not rebuilt: the operations are all a description needs, and validating 50,000 child
+    cells was most of the time of :meth:`SearchRun.cells` on a large run (the child is the stored cell itself)."""
+    from collections.abc import Mapping
+
+    from cellsearch.mutation import REJECTION_REASONS, Operation
+
+    if not isinstance(record, Mapping):
+        raise ValueError(f"mutation record: expected a mapping, got {type(record).__name__}")
+    missing = [k for k in ("parent_hash", "child", "p", "attempts", "operations") if k not in record]
+    if missing:
+        raise ValueError(f"mutation record: missing key(s) {missing}")
+    float(record["p"]), int(record["attempts"])
+    {r: int(dict(record.get("rejected", {})).get(r, 0)) for r in REJECTION_REASONS}  # noqa: B018
+    if not isinstance(record["child"], Mapping):
+        raise ValueError("mutation record: the child is not a cell")
+    return tuple(Operation.from_dict(o) for o in record["operations"])
+
+
+def _json_columns(texts: pd.Series) -> pd.DataFrame:
+    """The JSON objects in ``texts`` (None or empty: no keys) as columns, as ``pd.json_normalize`` makes them.
+
+    Flat objects (every value a scalar or a list: hyperparameters, metrics) are built straight from the records,
+    which gives the same table as ``json_normalize`` at a fraction of its time and memory on a million rows; a
+    nested object anywhere falls back to ``json_normalize`` (its ``a.b`` column names)."""
+    loads = json.loads
+    records = [loads(text) if text else {} for text in texts]
+    if not any(records) or any(isinstance(value, dict) for record in records for value in record.values()):
+        return pd.json_normalize(records)
+    return pd.DataFrame.from_records(records)
+
+
+def _describe_mutations(cells: pd.DataFrame) -> None:
+    """Fill ``mutation`` and ``mutation_detail`` from ``mutation_json`` (:func:`describe_mutation`), in place."""
+    described = [describe_mutation(text) for text in cells["mutation_json"]]
+    cells["mutation"] = [operators for operators, _ in described]
+    cells["mutation_detail"] = [detail for _, detail in described]
 
 
 def load_run(path: str | Path) -> "SearchRun":
@@ -145,8 +183,10 @@ class SearchRun:
         """Best score per cell (rows) and task (columns), over every committed evaluation except partial ones
         (settings pruned by successive halving or trained only to the promotion rung: see
         :meth:`cellsearch.search.storage.RunStorage.best_scores`)."""
-        evaluations = self._read(sa.select(EVALUATIONS.c.cell_hash, EVALUATIONS.c.task, EVALUATIONS.c.score)
-                                 .where(EVALUATIONS.c.status.notin_(PARTIAL_STATUSES)))
+        e = EVALUATIONS.c
+        # the maximum is taken by the database (one row per cell and task, not one per evaluation)
+        evaluations = self._read(sa.select(e.cell_hash, e.task, sa.func.max(e.score).label("score"))
+                                 .where(e.status.notin_(PARTIAL_STATUSES)).group_by(e.cell_hash, e.task))
         table = evaluations.pivot_table(index="cell_hash", columns="task", values="score", aggfunc="max")
         return table.reindex(columns=list(self.config.all_tasks))
 
@@ -177,14 +217,21 @@ class SearchRun:
         rung score and the decision, with ``promotion`` on) and ``stop_reason`` (one sentence). Confirmation
         (``confirm_seeds``): see :meth:`confirmations`.
         """
+        return self._cells()
+
+    def _cells(self, describe: bool = True) -> pd.DataFrame:
+        """:meth:`cells`; without ``describe`` the mutation columns are left empty and ``mutation_json`` is kept, so
+        that a caller needing a few rows describes only those (:meth:`top`: describing is most of the time of
+        reading 50,000 cells)."""
         c = CELLS.c
         cells = self._read(sa.select(c.hash.label("cell_hash"), c.name, c.parent_hash, c.step_created,
                                      c.node_count.label("nodes"), c.params_per_width, c.status, c.rejected_by,
                                      c.duplicate_of, c.mutation_json))
         cells["short_hash"] = cells["cell_hash"].str[:12]
-        described = [describe_mutation(text) for text in cells["mutation_json"]]
-        cells["mutation"] = [operators for operators, _ in described]
-        cells["mutation_detail"] = [detail for _, detail in described]
+        if describe:
+            _describe_mutations(cells)
+        else:
+            cells["mutation"] = cells["mutation_detail"] = None
         best = self.best_scores()
         reference = self.reference_best()
         tasks = list(self.tasks)
@@ -208,7 +255,8 @@ class SearchRun:
                  "nodes", "params_per_width", "status", "rejected_by", "duplicate_of",
                  *[f"metric_{t}" for t in self.config.all_tasks],
                  *(["perplexity_ptb"] if "ptb" in self.config.all_tasks else []),
-                 *[f"ratio_{t}" for t in tasks], "score", "evaluations", *PROMOTION_COLUMNS, *CONFIRMATION_COLUMNS]
+                 *[f"ratio_{t}" for t in tasks], "score", "evaluations", *PROMOTION_COLUMNS, *CONFIRMATION_COLUMNS,
+                 *([] if describe else ["mutation_json"])]
         table = table[order].sort_values(["score", "step_created"], ascending=[False, True], na_position="last")
         table = table.reset_index(drop=True)
         table.attrs["reference_cell"] = self.config.reference_cell
@@ -236,7 +284,7 @@ class SearchRun:
         trained = self._read(sa.select(e.cell_hash, e.task, e.status).distinct())
         full = set(trained.loc[~trained["status"].isin(PARTIAL_STATUSES) & trained["task"].isin(self.tasks),
                                "cell_hash"])
-        at_rung = set(trained.loc[trained["status"] == "rung", "cell_hash"])
+        at_rung = set(trained.loc[(trained["status"] == "rung") & trained["task"].isin(self.tasks), "cell_hash"])
         filtered = set(trained.loc[trained["task"] == self.config.memorize_task, "cell_hash"]) \
             if self.config.memorize_task else set()
         promotions = self.promotions()
@@ -248,9 +296,10 @@ class SearchRun:
             promoted = promotions.at[cell, "promoted"] if cell in promotions.index else pd.NA
             # a rung setting that diverged keeps its status (diverged), so the decision says where a cell stopped
             stopped_at_rung = cell in promotions.index and not bool(promoted)
-            reached = ("rung" if stopped_at_rung or (cell in at_rung and cell not in full) else "full" if cell in full
-                       else "filter" if cell in filtered else "")
             rejected_by = row.rejected_by if isinstance(row.rejected_by, str) else None
+            reached = ("filter rung" if rejected_by == "filter_promotion"
+                       else "rung" if stopped_at_rung or (cell in at_rung and cell not in full)
+                       else "full" if cell in full else "filter" if cell in filtered else "")
             if row.status == "evaluating":
                 reason = "being evaluated"
             elif rejected_by is None:
@@ -262,6 +311,9 @@ class SearchRun:
                 best = getattr(row, f"metric_{rejected_by}", float("nan"))
                 reason = (f"{rejected_by} best {best:.3f} below the memorisation threshold "
                           f"{config.memorize_threshold:g}")
+            elif rejected_by == "filter_promotion":
+                reason = (f"{config.memorize_task} accuracy at the filter's rung not in the top "
+                          f"1/{config.filter_promotion.eta} of the candidates measured there then")
             elif rejected_by == "promotion":
                 reason = (f"rung score {score:.3f} not in the top 1/{config.promotion.eta} of the candidates "
                           f"measured at the rung then")
@@ -313,25 +365,43 @@ class SearchRun:
 
     def top(self, n: int = 10) -> pd.DataFrame:
         """The ``n`` best cells that passed every filter (in the population now or not)."""
-        cells = self.cells()
+        cells = self._cells(describe=False)
         passed = cells["status"].isin(["population", "evaluated"]) & cells["score"].notna()
-        return cells[passed].head(n).reset_index(drop=True)
+        top = cells[passed].head(n).reset_index(drop=True)
+        _describe_mutations(top)
+        top = top.drop(columns="mutation_json")
+        top.attrs = cells.attrs
+        return top
 
-    def evaluations(self) -> pd.DataFrame:
+    def evaluation_count(self) -> int:
+        """How many settings were trained (the number of rows of :meth:`evaluations`), counted by the database."""
+        with self.engine.connect() as connection:
+            return int(connection.execute(sa.select(sa.func.count()).select_from(EVALUATIONS)).scalar_one())
+
+    def evaluation_scores(self) -> pd.DataFrame:
+        """``cell_hash``, ``task``, ``status`` and ``metric`` of every trained setting, in commit order: the columns
+        of :meth:`evaluations` a best-score curve needs, without reading the rest."""
+        e = EVALUATIONS.c
+        return self._read(sa.select(e.cell_hash, e.task, e.status, e.score.label("metric")).order_by(e.id))
+
+    def evaluations(self, cell_hash: str | None = None) -> pd.DataFrame:
         """One row per trained setting: ``cell_hash``, ``task``, ``trial_number``, ``seed``, ``metric`` (its best
         held-out metric: accuracy, 1/perplexity for ptb; 0 for a setting that diverged or failed), ``perplexity``
         (ptb rows), ``status``, every hyperparameter, timing, where it ran, and the held-out details
         (``best_epoch``, ``valid_loss``, ``valid_accuracy`` or ``valid_perplexity``, ``test_*`` when asked for).
-        The README's data dictionary lists every column."""
+        The README's data dictionary lists every column. ``cell_hash``: only that cell's rows (read by the
+        database through its index, not filtered afterwards)."""
         e = EVALUATIONS.c
-        rows = self._read(sa.select(e.id, e.unit_id, e.step, e.cell_hash, e.task, e.trial_number,
-                                    e.params_json, e.seed, e.score.label("metric"), e.status, e.duration_s,
-                                    e.train_steps, e.epochs,
-                                    e.node_id.label("node"), e.worker_pid, e.hostname, e.finished_at, e.metrics_json)
-                          .order_by(e.id))
-        params = pd.json_normalize([json.loads(text) for text in rows["params_json"]])
+        query = sa.select(e.id, e.unit_id, e.step, e.cell_hash, e.task, e.trial_number,
+                          e.params_json, e.seed, e.score.label("metric"), e.status, e.duration_s,
+                          e.train_steps, e.epochs,
+                          e.node_id.label("node"), e.worker_pid, e.hostname, e.finished_at, e.metrics_json)
+        if cell_hash is not None:
+            query = query.where(e.cell_hash == cell_hash)
+        rows = self._read(query.order_by(e.id))
+        params = _json_columns(rows["params_json"])
         params.index = rows.index
-        metrics = pd.json_normalize([json.loads(text) if text else {} for text in rows["metrics_json"]])
+        metrics = _json_columns(rows["metrics_json"])
         metrics.index = rows.index
         metrics = metrics.drop(columns=[c for c in metrics.columns if c in rows.columns or c in params.columns])
         table = pd.concat([rows.drop(columns=["params_json", "metrics_json"]), params, metrics], axis="columns")
@@ -386,9 +456,10 @@ class SearchRun:
             raise UserError(f"hash prefix {prefix} is ambiguous ({len(rows)} cells); give more digits")
         return dict(rows[0])
 
-    def lineage(self, cell_hash: str) -> pd.DataFrame:
-        """The cell and its ancestors, newest first, with the mutation that made each."""
-        cells = self.cells().set_index("cell_hash")
+    def lineage(self, cell_hash: str, cells: pd.DataFrame | None = None) -> pd.DataFrame:
+        """The cell and its ancestors, newest first, with the mutation that made each. ``cells``: a table
+        :meth:`cells` returned just before, to read the ancestors from (instead of reading every cell again)."""
+        cells = (self.cells() if cells is None else cells).set_index("cell_hash")
         chain = []
         current: str | None = self.resolve_hash(cell_hash)
         while current is not None and current in cells.index and current not in chain:

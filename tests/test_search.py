@@ -382,6 +382,21 @@ def test_candidates_above_the_reference_are_confirmed_on_paired_fresh_seeds(tmp_
 PROMOTION = {"promotion": {"enabled": True, "eta": 2, "fraction": 0.5}, "max_steps": 10}
 
 
+def read_with_curves(run_dir: Path):
+    """The run's evaluations, cells (indexed by hash) and steps, and every evaluation's learning curve by (cell, task,
+    trial number)."""
+    results = load_run(run_dir)
+    try:
+        evaluations, cells, steps = results.evaluations(), results.cells().set_index("cell_hash"), results.steps()
+        curves = results._read(sa.select(EVALUATIONS.c.cell_hash, EVALUATIONS.c.task, EVALUATIONS.c.trial_number,
+                                         EVALUATIONS.c.curve_json))
+    finally:
+        results.close()
+    curves = {(row.cell_hash, row.task, row.trial_number): json.loads(row.curve_json or "[]")
+              for row in curves.itertuples()}
+    return evaluations, cells, steps, curves
+
+
 def asha_decisions(values: list[float], eta: int) -> list[bool]:
     """ASHA's rule written out (Li et al. 2020, as Optuna's SuccessiveHalvingPruner applies it): a value is promoted
     when it is at least the k-th largest of the values measured so far, itself included, k = max(1, n // eta)."""
@@ -414,15 +429,7 @@ def test_promotion_across_candidates(tmp_path, rule):
     first = 2 if compete else 0  # the initial cells' trials
     run_serial(config, tmp_path / "promotion")
     assert_search_consistent(tmp_path / "promotion", tmp_path / "promotion", max_steps=10)
-    results = load_run(tmp_path / "promotion")
-    try:
-        evaluations, cells, steps = results.evaluations(), results.cells().set_index("cell_hash"), results.steps()
-        curves = results._read(sa.select(EVALUATIONS.c.cell_hash, EVALUATIONS.c.task, EVALUATIONS.c.trial_number,
-                                         EVALUATIONS.c.curve_json))
-    finally:
-        results.close()
-    curves = {(row.cell_hash, row.task, row.trial_number): json.loads(row.curve_json or "[]")
-              for row in curves.itertuples()}
+    evaluations, cells, steps, curves = read_with_curves(tmp_path / "promotion")
     rung = evaluations[evaluations["status"] == "rung"]
     assert len(rung) >= 8 and (rung["train_steps"] == 5).all()
     assert not evaluations["status"].isin(["pruned"]).any()
@@ -494,15 +501,7 @@ def test_filter_promotion(tmp_path):
     config = tiny_config(filter_promotion={"enabled": True, "eta": 2, "fraction": 0.5, "grace": 1}, max_steps=10)
     run_serial(config, tmp_path / "filter")
     assert_search_consistent(tmp_path / "filter", tmp_path / "filter", max_steps=10)
-    results = load_run(tmp_path / "filter")
-    try:
-        evaluations, cells, steps = results.evaluations(), results.cells().set_index("cell_hash"), results.steps()
-        curves = results._read(sa.select(EVALUATIONS.c.cell_hash, EVALUATIONS.c.task, EVALUATIONS.c.trial_number,
-                                         EVALUATIONS.c.curve_json))
-    finally:
-        results.close()
-    curves = {(row.cell_hash, row.task, row.trial_number): json.loads(row.curve_json or "[]")
-              for row in curves.itertuples()}
+    evaluations, cells, steps, curves = read_with_curves(tmp_path / "filter")
     memorize = evaluations[evaluations["task"] == "memorize"]
     rung = memorize[memorize["status"] == "rung"]
     assert len(rung) >= 4 and (rung["train_steps"] == 5).all()
@@ -521,6 +520,8 @@ def test_filter_promotion(tmp_path):
         outcome = steps.loc[steps["step"] == trial.user_attrs["step"], "outcome"].item()
         if trial.state == TrialState.PRUNED:
             assert outcome == "rejected:filter_promotion" and cells.at[cell, "rejected_by"] == "filter_promotion"
+            assert cells.at[cell, "reached"] == "filter rung"
+            assert "at the filter's rung" in cells.at[cell, "stop_reason"]
             assert set(mine["status"]) <= {"rung", "diverged"} and set(mine["task"]) == {"memorize"}
             continue
         assert outcome != "rejected:filter_promotion"
@@ -530,8 +531,10 @@ def test_filter_promotion(tmp_path):
         assert [p["score"] for p in full[:len(prefix)]] == [p["score"] for p in prefix]
         assert cells.at[cell, "metric_memorize"] == pytest.approx(long["metric"].item())
     run_serial(config, tmp_path / "interrupted", stop_after_units=7)
-    run_serial(config, tmp_path / "interrupted")
+    progress = run_serial(config, tmp_path / "interrupted")
     pd.testing.assert_frame_equal(trained(tmp_path / "filter"), trained(tmp_path / "interrupted"))
+    # the resumed driver counts the decisions made before the interruption too
+    assert (progress.filter_rung_measured, progress.filter_promoted) == (len(trials), sum(expected))
 
 
 def test_halving_needs_several_settings_per_unit():

@@ -71,15 +71,14 @@ def _show_searched(args: argparse.Namespace) -> int:
         print(f"score:      {row['score']:.4f}" if not math.isnan(row["score"]) else "score:      - (not evaluated "
               "on every task)")
         print(f"\nresults (ratio = best / current best of {results.config.reference_cell}):")
-        evaluations = results.evaluations()
-        mine = evaluations[evaluations["cell_hash"] == cell_hash]
+        mine = results.evaluations(cell_hash=cell_hash)  # this cell's rows only, not the whole run's
         summary = mine.groupby("task").agg(settings=("metric", "size"), best=("metric", "max"),
                                            median=("metric", "median"),
                                            ok=("status", lambda s: int((s == "ok").sum())))
         summary["ratio"] = [row.get(f"ratio_{task}", float("nan")) for task in summary.index]
         print(summary.to_string(float_format=lambda v: f"{v:.4f}") if not summary.empty else "(no evaluations)")
         print("\nlineage (newest first):")
-        for ancestor in results.lineage(cell_hash).itertuples(index=False):
+        for ancestor in results.lineage(cell_hash, cells=cells.reset_index()).itertuples(index=False):
             made = ancestor.mutation_detail if isinstance(ancestor.parent_hash, str) else "initial cell"
             score = "-" if math.isnan(ancestor.score) else f"{ancestor.score:.4f}"
             label = ancestor.name if isinstance(ancestor.name, str) else ancestor.short_hash

@@ -189,6 +189,10 @@ class SearchDriver:
             storage.url, engine_kwargs=engine_options(storage.url)), "open the Optuna storage")
         tune_sqlite(self.optuna_storage.engine)
         self._studies: dict[str, Any] = {}
+        #: Names of the studies in ``_studies`` known to be described (their user attributes set).
+        self._described: set[str] = set()
+        #: Units committed and told to Optuna whose ``told`` mark is written once per round of completions.
+        self._told_pending: list[int] = []
         self.reference_hash = zoo.get(config.reference_cell).hash
         self.policy = PopulationPolicy(config.selection, config.population_size, config.tournament_size)
         self.stop_mode: str | None = None
@@ -261,7 +265,13 @@ class SearchDriver:
                 waited += time.monotonic() - wait_started
                 for completion in completions:
                     self._complete(completion)
+                if self._told_pending:
+                    self.storage.mark_told_many(self._told_pending)
+                    self._told_pending.clear()
                 self._report()
+            if self._told_pending:  # units completed at once while planning (nothing to train)
+                self.storage.mark_told_many(self._told_pending)
+                self._told_pending.clear()
         finally:
             self.progress.driver_seconds = time.monotonic() - loop_started - waited
             self._report()
@@ -315,6 +325,18 @@ class SearchDriver:
             measured = [d for d in self._promotions.values() if d["step"] not in self._initial_steps()]
             self.progress.rung_measured = len(measured)
             self.progress.promoted = sum(bool(d["promoted"]) for d in measured)
+        if self.config.filter_promotion.enabled:
+            # the filter-promotion study is the record of those decisions (one finished trial per candidate)
+            from optuna.trial import TrialState
+
+            names = self.storage.retry(lambda: self._optuna.get_all_study_names(self.optuna_storage),
+                                       "list the Optuna studies")
+            trials = [] if FILTER_PROMOTION_STUDY not in names else self.storage.retry(
+                lambda: self._optuna.load_study(study_name=FILTER_PROMOTION_STUDY, storage=self.optuna_storage)
+                .get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)),
+                "read the filter-promotion decisions")
+            self.progress.filter_rung_measured = len(trials)
+            self.progress.filter_promoted = sum(trial.state == TrialState.COMPLETE for trial in trials)
         self._confirming = {row["cell_hash"] for row in self.storage.steps_of_kind("confirm")}
         confirmations = [row for row in self.storage.steps_of_kind("confirm") if row["status"] == "done"]
         self.progress.confirmed = sum(row["outcome"] == "confirmed" for row in confirmations)
@@ -739,13 +761,25 @@ class SearchDriver:
                 self._best[key] = max(self._best.get(key, -math.inf), row["score"])
             if self.config.promotion.enabled:
                 self._note_rung_value(unit["cell_hash"], unit["task"], row)
-        self.storage.mark_told(unit_id)
+        # marked told once per round of completions (_run): one transaction for the round, not one per unit
+        self._told_pending.append(unit_id)
         self._unit_specs.pop(unit_id, None)
+        self._unit_step.pop(unit_id, None)
+        self._unit_submissions.pop(unit_id, None)
         self.progress.units_done += 1
         self.progress.session_units += 1
         self.progress.evaluations += len(rows)
         if advance:
             self._advance(active)
+            cell = unit["cell_hash"]
+            if active.step not in self._active and cell not in self._population and cell != self.reference_hash \
+                    and not any(other.cell_hash == cell for other in self._active.values()):
+                # the step is over and the cell is not a member: its studies (and Optuna's cache of their trials)
+                # leave memory; a later use (a parent's best settings) loads them again
+                for task in self.config.all_tasks:
+                    name = self._study_name(cell, task)
+                    self._studies.pop(name, None)
+                    self._described.discard(name)
 
     def _evaluation_row(self, setting: Mapping[str, Any], result: Mapping[str, Any] | None,
                         completion: Completion, rung: bool = False) -> dict[str, Any]:
@@ -782,17 +816,19 @@ class SearchDriver:
         perplexity = self._task(name.rpartition("/")[2]).metric == "inverse_perplexity"
 
         def tell() -> None:
-            trial_id = storage.get_trial_id_from_study_id_trial_number(storage.get_study_id_from_name(name),
-                                                                       trial_number)
-            if storage.get_trial(trial_id).state != TrialState.RUNNING:
+            # the study's own (cached) storage knows the ids of the trials it asked; the state is read from the
+            # database (a trial told before a crash, or by an attempt whose acknowledgement was lost, is finished)
+            trial_id = study._storage.get_trial_id_from_study_id_trial_number(study._study_id, trial_number)
+            if self.storage.optuna_trial_state(trial_id) != TrialState.RUNNING.name:
                 return
             for point in curve:
                 value = float(point.get("score", math.nan))
                 if math.isfinite(value):
                     storage.set_trial_intermediate_value(trial_id, int(point["step"]), value)
-            storage.set_trial_user_attr(trial_id, "status", status)
+            attributes = {"status": status}
             if perplexity and score > 0:
-                storage.set_trial_user_attr(trial_id, "perplexity", 1.0 / score)
+                attributes["perplexity"] = 1.0 / score
+            self.storage.set_optuna_trial_attributes(trial_id, attributes)  # one transaction, not one per key
             if status in _FAILED:
                 study.tell(trial_number, state=TrialState.FAIL, skip_if_finished=True)
             elif status in PARTIAL_STATUSES:
@@ -950,9 +986,6 @@ class SearchDriver:
         as FAIL and asked anew (its rung value then counts twice among the competitors: a crash in a window of
         milliseconds).
         """
-        import optuna
-        from optuna.trial import TrialState
-
         score = self._rung_score(cell_hash)
         value = score if math.isfinite(score) else 0.0  # no score at the rung ranks last
         promoted, trial_number = self._ask_asha(PROMOTION_STUDY, self.config.promotion.eta, step, cell_hash, value,
@@ -1033,6 +1066,15 @@ class SearchDriver:
         name = self._study_name(cell_hash, task)
         if sampler is None and name in self._studies:
             return self._studies[name]
+        known = self._studies.get(name)
+        if known is not None and (name in self._described or not create):
+            # A new sampler on a study this driver already holds: the same study (and Optuna's trial cache, so that
+            # reading its trials costs only what changed), not a create_study, which first tries to insert it again.
+            study = self.storage.retry(lambda: self._optuna.study.Study(
+                study_name=name, storage=known._storage, sampler=sampler, pruner=known.pruner),
+                f"load study {name}")
+            self._studies[name] = study
+            return study
         # Both are idempotent under retry: load_if_exists finds a study whose creation was acknowledged too late.
         if create:
             study = self.storage.retry(lambda: self._optuna.create_study(
@@ -1042,29 +1084,30 @@ class SearchDriver:
             study = self.storage.retry(lambda: self._optuna.load_study(
                 study_name=name, storage=self.optuna_storage, sampler=sampler), f"load study {name}")
         if create and "cell" not in study.user_attrs:
-            self.storage.retry(lambda: self._describe_study(study, cell_hash, task), f"describe study {name}")
+            user, system = self._study_attributes(cell_hash, task)
+            # one transaction for every attribute, not one per key (Optuna's set_user_attr); tests read them back
+            # through Optuna's own API
+            self.storage.set_optuna_study_attributes(study._study_id, user, system)
+        if create:
+            self._described.add(name)
         self._studies[name] = study
         return study
 
-    def _describe_study(self, study, cell_hash: str, task: str) -> None:
-        """What optuna-dashboard shows about a study besides its name (``<cell hash>/<task>``): the cell's name
-        (or short hash) and equations, the task, and the objective's name."""
-        import warnings
-
+    def _study_attributes(self, cell_hash: str, task: str) -> tuple[dict[str, Any], dict[str, Any]]:
+        """What optuna-dashboard shows about a study besides its name (``<cell hash>/<task>``), as (user attributes,
+        system attributes): the cell's name (or short hash), hash, parent and equations, the task, and the
+        objective's name (the system attribute Optuna's ``Study.set_metric_names`` writes)."""
         spec = self._spec(cell_hash)
-        study.set_user_attr("cell", spec.name or cell_hash[:12])
-        study.set_user_attr("cell_hash", cell_hash)
+        user: dict[str, Any] = {"cell": spec.name or cell_hash[:12], "cell_hash": cell_hash}
         parent = self._parents.get(cell_hash)
         if parent is not None:
-            study.set_user_attr("parent", self._initial_names.get(parent) or parent[:12])
-            study.set_user_attr("parent_hash", parent)
-        study.set_user_attr("task", task)
-        study.set_user_attr("equations", spec.equations())
+            user["parent"] = self._initial_names.get(parent) or parent[:12]
+            user["parent_hash"] = parent
+        user["task"] = task
+        user["equations"] = spec.equations()
         metric = self._task(task).metric
-        with warnings.catch_warnings():  # set_metric_names is marked experimental in Optuna 5
-            warnings.simplefilter("ignore")
-            study.set_metric_names(["1/perplexity (held-out)" if metric == "inverse_perplexity"
-                                    else "accuracy (held-out)"])
+        names = ["1/perplexity (held-out)" if metric == "inverse_perplexity" else "accuracy (held-out)"]
+        return user, {_METRIC_NAMES_KEY: names}
 
     def _max_in_flight(self) -> int:
         return self.config.max_in_flight or 2 * self.executor.slots
@@ -1078,6 +1121,10 @@ class SearchDriver:
             self.progress.best_score = finite[self.progress.best_cell]
         self._on_progress(self.progress)
 
+
+#: The study system attribute holding the objective's names (what Optuna's ``Study.set_metric_names`` writes and
+#: ``Study.metric_names`` reads; tests read it back through Optuna).
+_METRIC_NAMES_KEY = "study:metric_names"
 
 #: The Optuna study of the promotion decisions (one trial per candidate measured at the rung).
 PROMOTION_STUDY = "promotion"

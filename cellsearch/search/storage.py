@@ -60,7 +60,8 @@ _T = TypeVar("_T")
 #: The width at which ``params_per_width`` is measured.
 PARAMETER_WIDTH = 128
 
-__all__ = ["PARAMETER_WIDTH", "RunStorage", "metadata", "sqlite_url", "sqlite_path", "normalize_url", "make_engine",
+__all__ = ["PARAMETER_WIDTH", "RunStorage", "metadata", "ensure_indexes", "sqlite_url", "sqlite_path", "normalize_url",
+           "make_engine",
            "tune_sqlite", "engine_options", "redact_url", "connect_url", "remember_url", "has_password",
            "STORAGE_URL_ENV", "StorageError", "StorageFull", "StorageUnreachable", "StorageCannotOpen", "is_transient",
            "is_storage_full", "is_unopenable",
@@ -175,6 +176,16 @@ EVALUATIONS = sa.Table(
     sa.UniqueConstraint("cell_hash", "task", "trial_number", name="uq_cs_evaluations_trial"),
 )
 sa.Index("ix_cs_evaluations_cell_task", EVALUATIONS.c.cell_hash, EVALUATIONS.c.task)
+# The readers' filters at a million evaluations: a unit's evaluations (the driver's rebuild and promotion
+# decisions, ``evaluations_of_unit``) and a step's (``SearchRun.confirmations``). Runs made before these existed
+# get them when next opened for writing (:func:`ensure_indexes`); readers work without them (a read-only archive).
+sa.Index("ix_cs_evaluations_unit", EVALUATIONS.c.unit_id)
+sa.Index("ix_cs_evaluations_step", EVALUATIONS.c.step)
+# Covers the best score per cell and task (``best_scores``, ``SearchRun.best_scores``), the evaluation counts and
+# the (cell, task, status) summary of ``SearchRun.cells``: read from the index, not from the table (whose rows
+# carry the learning curves: gigabytes at a million evaluations).
+sa.Index("ix_cs_evaluations_best", EVALUATIONS.c.cell_hash, EVALUATIONS.c.task, EVALUATIONS.c.status,
+         EVALUATIONS.c.score)
 
 #: Promotion decisions (``promotion`` config, ASHA across candidates): one row per candidate measured at the
 #: cheap rung (and per initial cell, which competes with its full runs' curves read at the rung). ``score``: the
@@ -200,6 +211,22 @@ POPULATION = sa.Table(
     sa.Column("score", sa.Float),
     sa.Column("at", sa.Float, nullable=False),
 )
+
+
+def ensure_indexes(engine: sa.Engine) -> list[str]:
+    """Create the indexes of :data:`metadata` that an existing run database lacks (one made by an older
+    cellsearch); the names of those created. Tables that are not there are left alone."""
+    inspector = sa.inspect(engine)
+    created = []
+    for table in metadata.sorted_tables:
+        if not inspector.has_table(table.name):
+            continue
+        present = {index["name"] for index in inspector.get_indexes(table.name)}
+        for index in table.indexes:
+            if index.name not in present:
+                index.create(engine, checkfirst=True)
+                created.append(index.name)
+    return created
 
 
 def sqlite_url(path: str | Path, read_only: bool = False) -> str:
@@ -605,6 +632,14 @@ class RunStorage:
             except sa.exc.SQLAlchemyError as error:
                 self.engine.dispose()
                 raise UserError(f"cannot use the run database {self.display_url}: {_summary(error)}") from None
+        else:
+            # opened for writing: a run made before an index existed gets it now (once; readers never need it)
+            try:
+                created = self.retry(lambda: ensure_indexes(self.engine), "create missing indexes")
+            except (sa.exc.SQLAlchemyError, StorageError):
+                created = []  # not a usable run database (yet), or not writable: whoever uses it reports that
+            if created:
+                self.log(f"created the indexes {', '.join(created)} on the run database")
 
     def close(self) -> None:
         self.engine.dispose()
@@ -890,3 +925,50 @@ class RunStorage:
                                                               score=score, at=now))
 
         self._write(f"finish step {step}", body)
+
+    # -- helpers of the driver's hot path (one statement or one transaction each) --------------------------------
+
+    def mark_told_many(self, unit_ids: Iterable[int]) -> None:
+        """:meth:`mark_told` for several units in one transaction (the driver marks a round of completions at once;
+        a unit left untold by a crash is told again on resume, and telling is idempotent)."""
+        ids = sorted(set(unit_ids))
+        if ids:
+            self._write(f"mark {len(ids)} units told", lambda c, _: c.execute(
+                UNITS.update().where(UNITS.c.unit_id.in_(ids)).values(told=True)))
+
+    def optuna_trial_state(self, trial_id: int) -> str | None:
+        """The state of an Optuna trial (``RUNNING``, ``COMPLETE``, ``FAIL``, ...): one read of Optuna's ``trials``
+        table, instead of building the whole trial (parameters, attributes, intermediate values) to read it."""
+        query = sa.text("SELECT state FROM trials WHERE trial_id = :trial_id")
+        state = self._read("read the state of a trial", lambda c: c.execute(query, {"trial_id": trial_id}).scalar())
+        return None if state is None else str(getattr(state, "name", state))
+
+    def set_optuna_study_attributes(self, study_id: int, user_attrs: Mapping[str, Any],
+                                    system_attrs: Mapping[str, Any]) -> None:
+        """Set an Optuna study's user and system attributes in one transaction, as Optuna's ``set_user_attr`` and
+        ``set_study_system_attr`` store them (one row per key, the value as JSON), instead of one transaction per
+        attribute. Idempotent (a key's earlier value is replaced)."""
+        def body(connection: sa.Connection, retrying: bool) -> None:
+            for table, attrs in (("study_user_attributes", user_attrs), ("study_system_attributes", system_attrs)):
+                for key, value in attrs.items():
+                    parameters = {"study_id": study_id, "key": key, "value_json": json.dumps(value)}
+                    connection.execute(sa.text(f"DELETE FROM {table} WHERE study_id = :study_id AND key = :key"),
+                                       parameters)
+                    connection.execute(sa.text(f"INSERT INTO {table} (study_id, key, value_json) "
+                                               f"VALUES (:study_id, :key, :value_json)"), parameters)
+
+        self._write(f"describe Optuna study {study_id}", body)
+
+    def set_optuna_trial_attributes(self, trial_id: int, user_attrs: Mapping[str, Any]) -> None:
+        """Set a running Optuna trial's user attributes in one transaction, as Optuna's ``set_trial_user_attr``
+        stores them (one row per key, the value as JSON; a key's earlier value replaced). The caller has checked
+        that the trial is still running (Optuna refuses to change a finished one)."""
+        def body(connection: sa.Connection, retrying: bool) -> None:
+            for key, value in user_attrs.items():
+                parameters = {"trial_id": trial_id, "key": key, "value_json": json.dumps(value)}
+                connection.execute(sa.text("DELETE FROM trial_user_attributes WHERE trial_id = :trial_id "
+                                           "AND key = :key"), parameters)
+                connection.execute(sa.text("INSERT INTO trial_user_attributes (trial_id, key, value_json) "
+                                           "VALUES (:trial_id, :key, :value_json)"), parameters)
+
+        self._write(f"set the attributes of Optuna trial {trial_id}", body)
