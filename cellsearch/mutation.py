@@ -392,20 +392,27 @@ class Mutation:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "Mutation":
-        if not isinstance(data, Mapping):
-            raise ValueError(f"mutation record: expected a mapping, got {type(data).__name__}")
-        missing = [k for k in ("parent_hash", "child", "p", "attempts", "operations") if k not in data]
-        if missing:
-            raise ValueError(f"mutation record: missing key(s) {missing}")
+        operations = cls.operations_from_dict(data)
         rejected = {r: int(dict(data.get("rejected", {})).get(r, 0)) for r in REJECTION_REASONS}
         return cls(
             child=CellSpec.from_dict(data["child"]),
             parent_hash=str(data["parent_hash"]),
             p=float(data["p"]),
-            operations=tuple(Operation.from_dict(o) for o in data["operations"]),
+            operations=operations,
             attempts=int(data["attempts"]),
             rejected=MappingProxyType(rejected),
         )
+
+    @staticmethod
+    def operations_from_dict(data: Mapping[str, Any]) -> tuple[Operation, ...]:
+        """The operations of a record :meth:`to_dict` wrote, after checking the record's shape, without rebuilding
+        its child cell (what a description of a stored cell's mutation needs: the child is the stored cell)."""
+        if not isinstance(data, Mapping):
+            raise ValueError(f"mutation record: expected a mapping, got {type(data).__name__}")
+        missing = [k for k in ("parent_hash", "child", "p", "attempts", "operations") if k not in data]
+        if missing:
+            raise ValueError(f"mutation record: missing key(s) {missing}")
+        return tuple(Operation.from_dict(o) for o in data["operations"])
 
     def describe(self) -> str:
         """The operations, one per line, headed by the parent and child hashes."""

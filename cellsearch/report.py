@@ -73,8 +73,7 @@ def best_vs_evaluations(run, cells: pd.DataFrame) -> pd.DataFrame:
     minimum over tasks of its best so far divided by the reference cell's final
     best (``cells.attrs['reference_best']``).
     """
-    # only the four columns the curve needs (a run object without the narrow reader: every column)
-    evaluations = run.evaluation_scores() if hasattr(run, "evaluation_scores") else run.evaluations()
+    evaluations = run.evaluation_scores()  # only the four columns the curve needs
     tasks = list(run.tasks)
     reference_best = cells.attrs.get("reference_best", {})
     reference = run.reference_hash
@@ -138,8 +137,7 @@ def lineage_table(run, hashes: Sequence[str], cells: pd.DataFrame | None = None)
     ``cells``: the run's cells table, read once for every chain (by default each chain reads it)."""
     rows = []
     for rank, cell_hash in enumerate(hashes, start=1):
-        chain = (run.lineage(cell_hash) if cells is None else run.lineage(cell_hash, cells=cells)) \
-            .iloc[::-1].reset_index(drop=True)
+        chain = run.lineage(cell_hash, cells=cells).iloc[::-1].reset_index(drop=True)
         for depth, row in enumerate(chain.itertuples(index=False)):
             rows.append({"rank": rank, "cell_hash": cell_hash, "depth": depth, "ancestor": _label(row),
                          "ancestor_hash": row.cell_hash, "step_created": row.step_created, "score": row.score,

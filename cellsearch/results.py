@@ -42,33 +42,16 @@ def describe_mutation(mutation_json: Any) -> tuple[str, str]:
         return "", "seed cell"
     record = json.loads(mutation_json)
     try:
-        operations = _operations(record)
+        from cellsearch.mutation import Mutation
+
+        # the operations only: rebuilding 50,000 child cells was most of the time of cells() on a large run
+        operations = Mutation.operations_from_dict(record)
         return ("+".join(operation.kind for operation in operations),
                 "; ".join(f"{operation.kind}: {operation.describe()}" for operation in operations))
     except Exception:  # noqa: BLE001 - an older or foreign record: show its operations as stored
         stored = record.get("operations", ())
         return ("+".join(str(op.get("kind", "?")) if isinstance(op, dict) else "?" for op in stored),
                 "; ".join(str(operation) for operation in stored))
-
-
-def _operations(record: Any) -> tuple:
-    """The operations of a stored mutation record, checked as ``Mutation.from_dict`` checks the record, except
-    that its child cell is not rebuilt: the operations are all a description needs, and validating 50,000 child
-    cells was most of the time of :meth:`SearchRun.cells` on a large run (the child is the stored cell itself)."""
-    from collections.abc import Mapping
-
-    from cellsearch.mutation import REJECTION_REASONS, Operation
-
-    if not isinstance(record, Mapping):
-        raise ValueError(f"mutation record: expected a mapping, got {type(record).__name__}")
-    missing = [k for k in ("parent_hash", "child", "p", "attempts", "operations") if k not in record]
-    if missing:
-        raise ValueError(f"mutation record: missing key(s) {missing}")
-    float(record["p"]), int(record["attempts"])
-    {r: int(dict(record.get("rejected", {})).get(r, 0)) for r in REJECTION_REASONS}  # noqa: B018
-    if not isinstance(record["child"], Mapping):
-        raise ValueError("mutation record: the child is not a cell")
-    return tuple(Operation.from_dict(o) for o in record["operations"])
 
 
 def _json_columns(texts: pd.Series) -> pd.DataFrame:
