@@ -32,6 +32,10 @@ Re-evaluations are cached by cell (``OUT/reeval.csv``), so a cell in several run
 
 Printed and written to ``OUT/summary.csv`` (one row per run) and ``OUT/medians.csv`` (median over seeds
 per variant, and the ratio of candidates per CPU-hour to ``full``'s in the same seed).
+
+``--archives RUN_DIR ...`` measures the same agreement on finished runs made elsewhere (hour-long runs hold
+a full top 10, which the benchmark's short runs do not): each run's top 10 is re-evaluated with the cells
+above, and one row per run goes to ``OUT/archives.csv``.
 """
 
 from __future__ import annotations
@@ -190,6 +194,8 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=10)
     parser.add_argument("--reeval-seeds", type=int, default=1)
     parser.add_argument("--out", type=Path, default=REPO / "results" / "multifidelity")
+    parser.add_argument("--archives", type=Path, nargs="*", default=[],
+                        help="finished run directories whose top cells are re-evaluated too (agreement only)")
     args = parser.parse_args()
     os.environ.setdefault("CELLSEARCH_PTB_DIR", str(REPO.parent / "shared" / "data" / "ptb"))
     import pandas as pd
@@ -207,18 +213,25 @@ def main() -> None:
         statistics[key], tops[key] = run_statistics(run_dir, args.workers, args.top)
     from cellsearch.results import load_run
 
+    archive_tops = {}
+    for run_dir in args.archives:
+        results = load_run(run_dir)
+        try:
+            archive_tops[run_dir] = results.top(args.top)[["cell_hash", "name", "score"]]
+        finally:
+            results.close()
     first = load_run(next(iter(runs.values())))
     try:
         tasks = list(first.tasks)
         reference = first.reference_hash
         specs = {}
-        for top in tops.values():
+        for top in [*tops.values(), *archive_tops.values()]:
             for cell_hash in top["cell_hash"]:
                 specs[cell_hash] = None
         specs[reference] = None
     finally:
         first.close()
-    for run_dir in runs.values():
+    for run_dir in [*runs.values(), *args.archives]:
         results = load_run(run_dir)
         try:
             for cell_hash in specs:
@@ -248,6 +261,19 @@ def main() -> None:
     medians = summary.drop(columns=["top_hashes", "seed"]).groupby("variant").median()
     medians.to_csv(args.out / "medians.csv")
     (args.out / "rescored.json").write_text(json.dumps(rescored, indent=1))
+    if archive_tops:
+        archive_rows = []
+        for run_dir, top in archive_tops.items():
+            searched = [float(x) for x in top["score"]]
+            again = [rescored.get(h, float("nan")) for h in top["cell_hash"]]
+            archive_rows.append({"run": str(run_dir), "top_cells": len(top),
+                                 "top_tau": kendall_tau(searched, again) if len(top) >= 3 else float("nan"),
+                                 "searched": " ".join(f"{x:.4f}" for x in searched),
+                                 "reevaluated": " ".join(f"{x:.4f}" for x in again),
+                                 "top_hashes": " ".join(h[:12] for h in top["cell_hash"])})
+        archives = pd.DataFrame(archive_rows)
+        archives.to_csv(args.out / "archives.csv", index=False)
+        print(archives.drop(columns=["top_hashes"]).to_string(index=False))
     pd.set_option("display.width", 200)
     print(summary.drop(columns=["top_hashes"]).to_string(index=False))
     print("\nmedians over seeds:")
