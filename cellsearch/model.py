@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from cellsearch.compiler import CellRNN
+from cellsearch.compiler.module import inverted_dropout
 from cellsearch.compiler.batched import (
     BatchedCellRNN,
     check_generators,
@@ -113,7 +114,7 @@ class SequenceModel(nn.Module):
         self.rnn = CellRNN(spec, hidden_size, hidden_size, num_layers=num_layers, dropout=dropout,
                            dropout_mode=dropout_mode, layer_norm=layer_norm)
         # the variational CellRNN masks its input and output itself, once per sequence
-        self.dropout = nn.Dropout(0.0 if dropout_mode == "variational" else dropout)
+        self.dropout_probability = 0.0 if dropout_mode == "variational" else float(dropout)
         self.decoder = nn.Linear(hidden_size, vocab_size)
 
     def reset_parameters(self, init_scale: float) -> None:
@@ -127,9 +128,15 @@ class SequenceModel(nn.Module):
 
     def forward(self, tokens: torch.Tensor, state: Any = None) -> tuple[torch.Tensor, Any]:
         """``tokens`` (time, batch) -> logits (time, batch, vocab) and the final state."""
-        embedded = self.dropout(self.embedding(tokens))
+        embedded = self._dropout(self.embedding(tokens))
         output, state = self.rnn(embedded, state)
-        return self.decoder(self.dropout(output)), state
+        return self.decoder(self._dropout(output)), state
+
+    def _dropout(self, values: torch.Tensor) -> torch.Tensor:
+        # not nn.Dropout: its CUDA kernel draws masks a batched member could not reproduce (inverted_dropout)
+        if not self.training or self.dropout_probability == 0:
+            return values
+        return inverted_dropout(values, self.dropout_probability)
 
 
 def build_model(spec: CellSpec, task: Task, hparams: HyperParams) -> SequenceModel:

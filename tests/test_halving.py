@@ -104,7 +104,8 @@ def _unit(memorize) -> list[GroupMember]:
     return [GroupMember(h, seed) for seed, h in enumerate(settings, start=11)]
 
 
-def _same_prefix(ours, alone, exact: bool, what: str, tolerance: float = TOLERANCE) -> None:
+def _same_prefix(ours, alone, exact: bool, what: str, tolerance: float = TOLERANCE,
+                 exact_divergence: bool = True) -> None:
     """``ours`` trained as ``alone`` did, up to where ``ours`` stopped (all of it unless pruned)."""
     assert (ours.seed, ours.hparams, ours.hidden_size) == (alone.seed, alone.hparams, alone.hidden_size), what
     if ours.status != "pruned":
@@ -118,8 +119,10 @@ def _same_prefix(ours, alone, exact: bool, what: str, tolerance: float = TOLERAN
             assert point.keys() == theirs.keys(), what
             for key, value in theirs.items():
                 assert point[key] == pytest.approx(value, rel=tolerance, abs=1e-9), f"{what}: curve {key}"
-    if ours.status == "diverged":
+    if ours.status == "diverged" and exact_divergence:
         assert ours.message == alone.message and ours.score == 0.0, what
+    elif ours.status == "diverged":  # the same step; a batched model may overflow to inf where one alone gets nan
+        assert ours.message.split(" at ")[-1] == alone.message.split(" at ")[-1] and ours.score == 0.0, what
     elif ours.status == "pruned":
         best = max(point["score"] for point in ours.curve)
         assert ours.score == best and ours.steps == ours.curve[-1]["step"], what
@@ -201,7 +204,7 @@ def test_halving_on_cuda_prunes_without_touching_the_survivors(memorize, budget)
     statuses = [r.status for r in results]
     assert statuses[1] == "diverged" and statuses.count("pruned") == 7 and statuses.count("ok") == 2, statuses
     for index, (ours, theirs) in enumerate(zip(results, alone)):
-        _same_prefix(ours, theirs, exact=False, what=f"setting {index}", tolerance=1e-4)
+        _same_prefix(ours, theirs, exact=False, what=f"setting {index}", tolerance=1e-4, exact_divergence=False)
     _check_rungs(results)
 
 

@@ -317,7 +317,7 @@ def test_models_and_group_training_use_the_regularisers(memorize):
     base = memorize.default_hparams("smoke").replace(dropout=0.3, num_layers=2)
     regularised = base.replace(dropout_mode="variational", layer_norm=True)
     model = build_model(zoo.get("lstm_peephole"), memorize, regularised)
-    assert model.rnn.variational and model.rnn.layer_norm and model.dropout.p == 0.0
+    assert model.rnn.variational and model.rnn.layer_norm and model.dropout_probability == 0.0
     spec = zoo.get("gru")
     assert shape_key(spec, memorize, base) != shape_key(spec, memorize, regularised)
     budget = memorize.budget("smoke").replace(max_epochs=2, steps_per_epoch=3)

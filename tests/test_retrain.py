@@ -449,5 +449,12 @@ def test_group_checkpoints_mid_training_resume_to_the_uninterrupted_result(tmp_p
     assert {load_checkpoint(path).epoch for path in copied.glob("*/checkpoint.pt")} == {2}
     resumed = train_group(spec, task, members, budget, device, checkpoints=checkpointers(copied))
     for ours, theirs in zip(resumed, full):
-        assert (ours.status, ours.score, ours.epochs, ours.steps, ours.curve, ours.metrics) == \
-            (theirs.status, theirs.score, theirs.epochs, theirs.steps, theirs.curve, theirs.metrics)
+        assert (ours.status, ours.epochs, ours.steps, len(ours.curve)) == \
+            (theirs.status, theirs.epochs, theirs.steps, len(theirs.curve))
+        if device == "cpu":
+            assert (ours.score, ours.curve, ours.metrics) == (theirs.score, theirs.curve, theirs.metrics)
+        else:  # CUDA's embedding backward adds with atomics: two runs agree to float rounding, not bit for bit
+            assert ours.score == pytest.approx(theirs.score, rel=1e-4)
+            assert ours.metrics == pytest.approx(theirs.metrics, rel=1e-4)
+            for point, other in zip(ours.curve, theirs.curve):
+                assert point == pytest.approx(other, rel=1e-4)

@@ -424,18 +424,14 @@ def member_dropout(values: torch.Tensor, probability: float,
                    generators: Sequence[torch.Generator] | None) -> torch.Tensor:
     """Dropout on ``(K, ...)`` with member ``k``'s mask drawn from ``generators[k]``.
 
-    The mask is drawn as ``torch.nn.functional.dropout`` draws it on the CPU (a ``bernoulli_`` of the
-    keep probability over the member's shape, divided by it), so a generator in the state of the
-    default generator gives a member exactly the masks it would get alone.
+    Each mask is drawn as :func:`~cellsearch.compiler.module.inverted_dropout` draws it for a run alone (a
+    ``bernoulli_`` of the keep probability over the member's shape, divided by it), so a generator in the state
+    of the default generator gives a member exactly the masks it would get alone, on a CPU and on a GPU.
     """
-    keep = 1.0 - probability
     if generators is None:
         return nn.functional.dropout(values, probability, training=True)
-    masks = []
-    for generator in generators:
-        mask = torch.empty(values.shape[1:], dtype=values.dtype, device=generator.device)
-        masks.append(mask.bernoulli_(keep, generator=generator).div_(keep).to(values.device))
-    return values * torch.stack(masks)
+    return values * torch.stack([dropout_mask(values.shape[1:], probability, values.dtype, values.device, g)
+                                 for g in generators])
 
 
 def member_masks(shape: tuple[int, ...], probability: float, dtype: torch.dtype, device: torch.device,

@@ -68,7 +68,7 @@ from cellsearch import zoo
 from cellsearch.compiler.codegen import PROJECTED_INPUT, LayerPlan, build_plan, compile_plan
 from cellsearch.spec import INPUT, SCALE, CellSpec
 
-__all__ = ["CellRNN", "CellLayer", "LinearNode", "ScaleNode", "DROPOUT_MODES"]
+__all__ = ["CellRNN", "CellLayer", "LinearNode", "ScaleNode", "DROPOUT_MODES", "inverted_dropout"]
 
 #: ``standard``: nn.GRU's dropout between layers; ``variational``: per-sequence masks (see the module doc).
 DROPOUT_MODES = ("standard", "variational")
@@ -428,12 +428,7 @@ class CellRNN(nn.Module):
         return dropout_mask(shape, self.dropout, like.dtype, like.device, self.generator)
 
     def _dropout(self, output: torch.Tensor) -> torch.Tensor:
-        if self.generator is None:
-            return nn.functional.dropout(output, self.dropout, training=True)
-        keep = 1.0 - self.dropout
-        mask = torch.empty(output.shape, dtype=output.dtype, device=self.generator.device)
-        mask.bernoulli_(keep, generator=self.generator)
-        return output * mask.to(output.device).div_(keep)
+        return inverted_dropout(output, self.dropout, self.generator)
 
     def extra_repr(self) -> str:
         name = self.spec.name or self.spec.short_hash
@@ -499,6 +494,21 @@ def _plans(spec: CellSpec, input_size: int, hidden_size: int, num_layers: int, l
     first = (build_plan(spec, project_input=True, layer_norm=layer_norm, state_mask=state_mask)
              if input_size != hidden_size else inner)
     return (first,) + (inner,) * (num_layers - 1)
+
+
+def inverted_dropout(values: torch.Tensor, probability: float,
+                     generator: torch.Generator | None = None) -> torch.Tensor:
+    """Dropout in training: ``values`` times a mask drawn as one ``bernoulli_`` of the keep probability over
+    their shape (from ``generator``, else torch's default generator of their device), divided by it.
+
+    On the CPU that is the draw ``nn.functional.dropout`` makes. On CUDA its fused kernel draws other numbers
+    from the same generator, so the single-run modules draw through this function on every device: a member
+    of a batched model (:func:`~cellsearch.compiler.batched.member_dropout`, a generator continuing the
+    default one) then gets on a GPU too the masks it gets alone.
+    """
+    if generator is None and values.device.type == "cpu":
+        return nn.functional.dropout(values, probability, training=True)  # the same draw, one kernel
+    return values * dropout_mask(values.shape, probability, values.dtype, values.device, generator)
 
 
 def dropout_mask(shape: tuple[int, ...], probability: float, dtype: torch.dtype, device: torch.device,
