@@ -574,8 +574,12 @@ def run_once(backend: str, workers: int, duration: float, *, model: ArchiveModel
             samples.append({"evaluations": driver.progress.evaluations, "units": executor.completed,
                             "rss_mb": rss_bytes() / 1e6,
                             "traced_mb": tracemalloc.get_traced_memory()[0] / 1e6 if trace else None,
+                            "cells": len(driver._specs),
                             "driver_cpu_s": executor.charged, "virtual_s": executor.now,
                             "wall_s": time.perf_counter() - executor.wall_started})
+            if stop_after_units and stop_after_units >= 10_000:  # a long run: its samples as they come
+                print("  sample: " + ", ".join(f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}"
+                                              for k, v in samples[-1].items()), flush=True)
 
         load = task_loader(config)
         for name in config.all_tasks:  # read (and cached) before the clock starts, as Ray's start-up is excluded
