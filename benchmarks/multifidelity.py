@@ -185,6 +185,27 @@ def reevaluated_scores(table, reference: str, tasks: list[str]) -> dict[str, flo
     return {cell: score_of(mapping, cell, reference, tasks) for cell in table["cell_hash"].unique()}
 
 
+def tau_interval(searched: list[float], again: list[float], resamples: int = 2000) -> tuple[float, float]:
+    """A 95% bootstrap interval of Kendall tau over the cells (resampled with replacement): how much the value
+    owes to which few cells happen to be in a top 10."""
+    import numpy as np
+
+    from cellsearch.stats import kendall_tau
+
+    rng = np.random.default_rng(0)
+    x, y = np.asarray(searched, dtype=float), np.asarray(again, dtype=float)
+    draws = []
+    for _ in range(resamples):
+        index = rng.integers(x.size, size=x.size)
+        tau = kendall_tau(x[index], y[index])
+        if tau == tau:
+            draws.append(tau)
+    if not draws:
+        return float("nan"), float("nan")
+    low, high = np.quantile(draws, [0.025, 0.975])
+    return float(low), float(high)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--minutes", type=float, default=8.0, help="wall-clock budget of each search run")
@@ -250,8 +271,10 @@ def main() -> None:
         top = tops[(variant, seed)]
         searched = [float(s) for s in top["score"]]
         again = [rescored.get(h, float("nan")) for h in top["cell_hash"]]
+        low, high = tau_interval(searched, again) if len(top) >= 3 else (float("nan"), float("nan"))
         rows.append({"variant": variant, "seed": seed, **stats, "top_cells": len(top),
                      "top_tau": kendall_tau(searched, again) if len(top) >= 3 else float("nan"),
+                     "top_tau_low": low, "top_tau_high": high,
                      "top_hashes": " ".join(h[:12] for h in top["cell_hash"])})
     summary = pd.DataFrame(rows)
     full = summary[summary["variant"] == "full"].set_index("seed")["candidates_per_cpu_hour"]
@@ -266,8 +289,10 @@ def main() -> None:
         for run_dir, top in archive_tops.items():
             searched = [float(x) for x in top["score"]]
             again = [rescored.get(h, float("nan")) for h in top["cell_hash"]]
+            low, high = tau_interval(searched, again) if len(top) >= 3 else (float("nan"), float("nan"))
             archive_rows.append({"run": str(run_dir), "top_cells": len(top),
                                  "top_tau": kendall_tau(searched, again) if len(top) >= 3 else float("nan"),
+                                 "top_tau_low": low, "top_tau_high": high,
                                  "searched": " ".join(f"{x:.4f}" for x in searched),
                                  "reevaluated": " ".join(f"{x:.4f}" for x in again),
                                  "top_hashes": " ".join(h[:12] for h in top["cell_hash"])})

@@ -39,7 +39,6 @@ import torch
 from torch import nn
 
 from cellsearch.compiler import CellRNN
-from cellsearch.compiler.module import inverted_dropout
 from cellsearch.compiler.batched import (
     BatchedCellRNN,
     check_generators,
@@ -49,6 +48,7 @@ from cellsearch.compiler.batched import (
     stack_members,
     take_members,
 )
+from cellsearch.compiler.module import inverted_dropout
 from cellsearch.hparams import HyperParams
 from cellsearch.spec import CellSpec
 from cellsearch.tasks.base import Task

@@ -116,3 +116,36 @@ def test_filter_rung_replay_of_the_committed_run():
     mine = table[table["fraction"] == 0.25].iloc[0]
     assert (mine["promoted"], mine["passers_lost"], mine["cost_restart"]) == \
         (ours["promoted"], ours["passers_lost"], ours["cost_restart"])
+
+
+def test_multifidelity_agreement_of_the_committed_runs():
+    """benchmarks/multifidelity.py's scoring on the committed re-evaluations: the rescored cells, the top-10 Kendall tau
+    of the two hour-long runs and its bootstrap interval come out as committed in results/multifidelity/new-rule, and
+    the top 10 it scored are the archives' own top 10."""
+    import json
+    import sys
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        from multifidelity import reevaluated_scores, tau_interval
+    finally:
+        sys.path.pop(0)
+    from cellsearch import zoo
+    from cellsearch.stats import kendall_tau
+
+    folder = REPO / "results" / "multifidelity" / "new-rule"
+    table = pd.read_csv(folder / "reeval.csv").rename(columns={"hash": "cell_hash"})
+    rescored = reevaluated_scores(table, zoo.get("gru").hash, ["arithmetic", "xml", "ptb"])
+    assert rescored == pytest.approx(json.loads((folder / "rescored.json").read_text()))
+    assert rescored[zoo.get("gru").hash] == 1.0
+    for row in pd.read_csv(folder / "archives.csv").itertuples():
+        results = load_run(REPO / row.run)
+        try:
+            top = results.top(10)
+        finally:
+            results.close()
+        assert " ".join(h[:12] for h in top["cell_hash"]) == row.top_hashes
+        searched = [float(x) for x in top["score"]]
+        again = [rescored[h] for h in top["cell_hash"]]
+        assert kendall_tau(searched, again) == pytest.approx(row.top_tau)
+        assert tau_interval(searched, again) == pytest.approx((row.top_tau_low, row.top_tau_high))
