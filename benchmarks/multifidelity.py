@@ -206,6 +206,20 @@ def tau_interval(searched: list[float], again: list[float], resamples: int = 200
     return float(low), float(high)
 
 
+def agreement(top, rescored: dict[str, float]) -> dict:
+    """A top table's agreement with the re-evaluation: its size, Kendall tau and the tau's bootstrap interval
+    (NaN under 3 cells), and the two score lists compared."""
+    from cellsearch.stats import kendall_tau
+
+    searched = [float(x) for x in top["score"]]
+    again = [rescored.get(h, float("nan")) for h in top["cell_hash"]]
+    enough = len(top) >= 3
+    low, high = tau_interval(searched, again) if enough else (float("nan"), float("nan"))
+    return {"top_cells": len(top), "top_tau": kendall_tau(searched, again) if enough else float("nan"),
+            "top_tau_low": low, "top_tau_high": high, "searched": searched, "reevaluated": again,
+            "top_hashes": " ".join(h[:12] for h in top["cell_hash"])}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--minutes", type=float, default=8.0, help="wall-clock budget of each search run")
@@ -222,7 +236,6 @@ def main() -> None:
     import pandas as pd
 
     from cellsearch import zoo
-    from cellsearch.stats import kendall_tau
 
     args.out.mkdir(parents=True, exist_ok=True)
     runs = {}
@@ -268,14 +281,9 @@ def main() -> None:
     rescored = reevaluated_scores(table, reference, tasks)
     rows = []
     for (variant, seed), stats in statistics.items():
-        top = tops[(variant, seed)]
-        searched = [float(s) for s in top["score"]]
-        again = [rescored.get(h, float("nan")) for h in top["cell_hash"]]
-        low, high = tau_interval(searched, again) if len(top) >= 3 else (float("nan"), float("nan"))
-        rows.append({"variant": variant, "seed": seed, **stats, "top_cells": len(top),
-                     "top_tau": kendall_tau(searched, again) if len(top) >= 3 else float("nan"),
-                     "top_tau_low": low, "top_tau_high": high,
-                     "top_hashes": " ".join(h[:12] for h in top["cell_hash"])})
+        measured = agreement(tops[(variant, seed)], rescored)
+        del measured["searched"], measured["reevaluated"]
+        rows.append({"variant": variant, "seed": seed, **stats, **measured})
     summary = pd.DataFrame(rows)
     full = summary[summary["variant"] == "full"].set_index("seed")["candidates_per_cpu_hour"]
     summary["candidates_ratio_vs_full"] = [r.candidates_per_cpu_hour / full.get(r.seed, float("nan"))
@@ -287,15 +295,10 @@ def main() -> None:
     if archive_tops:
         archive_rows = []
         for run_dir, top in archive_tops.items():
-            searched = [float(x) for x in top["score"]]
-            again = [rescored.get(h, float("nan")) for h in top["cell_hash"]]
-            low, high = tau_interval(searched, again) if len(top) >= 3 else (float("nan"), float("nan"))
-            archive_rows.append({"run": str(run_dir), "top_cells": len(top),
-                                 "top_tau": kendall_tau(searched, again) if len(top) >= 3 else float("nan"),
-                                 "top_tau_low": low, "top_tau_high": high,
-                                 "searched": " ".join(f"{x:.4f}" for x in searched),
-                                 "reevaluated": " ".join(f"{x:.4f}" for x in again),
-                                 "top_hashes": " ".join(h[:12] for h in top["cell_hash"])})
+            measured = agreement(top, rescored)
+            for key in ("searched", "reevaluated"):
+                measured[key] = " ".join(f"{x:.4f}" for x in measured[key])
+            archive_rows.append({"run": str(run_dir), **measured})
         archives = pd.DataFrame(archive_rows)
         archives.to_csv(args.out / "archives.csv", index=False)
         print(archives.drop(columns=["top_hashes"]).to_string(index=False))
