@@ -567,14 +567,20 @@ def run_once(backend: str, workers: int, duration: float, *, model: ArchiveModel
         config, storage = create_run(config, run_dir, log=lambda message: None)
         initial = frozenset(zoo.get(name).hash for name in config.initial_cells)
         samples: list[dict[str, Any]] = []
+        snapshots: list[Any] = []  # with trace: the first sample past a quarter of the run, and the last
         timer = PartTimer()
 
         def on_sample(executor: SimulatedExecutor) -> None:
             gc.collect()
+            if trace and stop_after_units and (
+                    (not snapshots and executor.completed >= stop_after_units // 4)
+                    or executor.completed + sample_every > stop_after_units):
+                snapshots.append((executor.completed, driver.progress.evaluations, driver.cell_count,
+                                  tracemalloc.take_snapshot()))
             samples.append({"evaluations": driver.progress.evaluations, "units": executor.completed,
                             "rss_mb": rss_bytes() / 1e6,
                             "traced_mb": tracemalloc.get_traced_memory()[0] / 1e6 if trace else None,
-                            "cells": len(driver._specs),
+                            "cells": driver.cell_count,
                             "driver_cpu_s": executor.charged, "virtual_s": executor.now,
                             "wall_s": time.perf_counter() - executor.wall_started})
             if stop_after_units and stop_after_units >= 10_000:  # a long run: its samples as they come
@@ -589,7 +595,7 @@ def run_once(backend: str, workers: int, duration: float, *, model: ArchiveModel
                                      initial_hashes=initial, stop_after_units=stop_after_units,
                                      sample_every=sample_every, on_sample=on_sample, server_cpu=server)
         if trace:
-            tracemalloc.start()
+            tracemalloc.start(12)  # frames enough to reach the driver's line from Optuna's and SQLAlchemy's
         gc.collect()
         rss_before = rss_bytes()
         with timer.installed():
@@ -641,10 +647,34 @@ def run_once(backend: str, workers: int, duration: float, *, model: ArchiveModel
             row[f"ms_{part}"] = 1000 * parts[part] / units
         if trace:
             row["traced_peak_mb"] = traced_peak / 1e6
+            row["growth_by_line"] = growth_by_line(snapshots)
         row["samples"] = samples
         row["trials_finished"] = finished_trials(config.storage if url is None else url, run_dir)
     shutil.rmtree(run_dir, ignore_errors=True)
     return row
+
+
+def growth_by_line(snapshots: list[tuple[int, int, int, Any]], top: int = 25) -> str:
+    """Where the traced memory grew between the first and the last snapshot: the largest differences grouped by
+    the allocating traceback, each shown by its innermost frames in cellsearch (or, failing that, the innermost
+    frames), with the growth per evaluation and per cell over the interval."""
+    if len(snapshots) < 2:
+        return "fewer than two snapshots: the run was too short for an attribution"
+    (units0, evaluations0, cells0, first), (units1, evaluations1, cells1, last) = snapshots[0], snapshots[-1]
+    evaluations, cells = max(evaluations1 - evaluations0, 1), max(cells1 - cells0, 1)
+    ignore = [tracemalloc.Filter(False, tracemalloc.__file__),
+              tracemalloc.Filter(False, "<frozen importlib._bootstrap*>")]
+    differences = last.filter_traces(ignore).compare_to(first.filter_traces(ignore), "traceback")
+    total = sum(d.size_diff for d in differences)
+    lines = [f"traced growth from {units0} to {units1} units ({evaluations} evaluations, {cells} cells): "
+             f"{total / 1e6:.1f} MB, {total / evaluations:.0f} B per evaluation, {total / cells:.0f} B per cell",
+             ""]
+    for difference in differences[:top]:
+        frames = [f for f in difference.traceback if "/cellsearch/" in f.filename] or list(difference.traceback)
+        where = " < ".join(f"{Path(f.filename).name}:{f.lineno}" for f in reversed(frames[-3:]))
+        lines.append(f"{difference.size_diff / 1e6:+8.2f} MB {difference.count_diff:+9d} blocks "
+                     f"{difference.size_diff / cells:8.0f} B/cell  {where}")
+    return "\n".join(lines)
 
 
 def finished_trials(storage_url: str | None, run_dir: Path) -> int:
@@ -764,6 +794,8 @@ def dispatch(argv: list[str]) -> int:
                            seed=args.seed, durations="fixed", stop_after_units=args.long_units, window_units=10 ** 9,
                            sample_every=max(args.long_units // 40, 100), trace=args.trace, tag=tag())
             write_csv(args.out / f"dispatch-memory{suffix}.csv", row["samples"])
+            if args.trace:
+                (args.out / f"dispatch-memory-trace{suffix}.txt").write_text(row.pop("growth_by_line") + "\n")
             write_csv(args.out / f"dispatch-long{suffix}.csv", [row])
             print(f"long {args.long_backend}: {row['units']} units, {row['evaluations']} evaluations, "
                   f"{row['cpu_ms_per_unit']:.2f} CPU ms/unit, RSS growth {row['rss_growth_mb']:.1f} MB, "

@@ -13,10 +13,15 @@
 
     Optuna: each (cell, task) study the driver would have created is created in Optuna's own tables, in bulk
     (rows of Optuna's ``studies`` / ``study_directions`` models through SQLAlchemy, after ``RDBStorage`` made the
-    schema), without trials; the studies of the active steps' cells are created through Optuna's API
-    (``create_study`` / ``ask``), and their trials are the ones the pending units name. The rebuild reads study
-    names and the RUNNING trials of the active cells only, so that is what it sees in a real run; the 1M COMPLETE
-    trials a real run would also hold are not written (they make the database larger, not these reads slower).
+    schema); the studies of the active steps' cells are created through Optuna's API (``create_study`` / ``ask``),
+    and their RUNNING trials are the ones the pending units name. Then every evaluation gets its finished trial, in
+    bulk through Optuna's models, as the driver's tell leaves it: COMPLETE with the score (FAIL for a failed
+    setting, PRUNED for a partial one), the parameters as ``study.ask(space.distributions())`` stores them, the
+    learning curve as intermediate values, and the ``status`` (and ``perplexity``) attributes. Read back through
+    Optuna's API in ``tests/test_scale_reads.py``.
+
+``python benchmarks/scale_reads.py trials RUN_DIR``
+    writes only the finished trials (generate's last part, resumable), for a run generated before it wrote them.
 
 ``python benchmarks/scale_reads.py measure RUN_DIR --csv results/scale/reads.csv --label before``
     times each reader in a fresh subprocess: wall time, CPU time (user + sys) and peak RSS (``wait4``).
@@ -166,6 +171,104 @@ class _Generator:
         optuna_storage.engine.dispose()
         return len(names)
 
+    def search_spaces(self, tasks: list[str]) -> dict[str, Any]:
+        """Each task's hyperparameter distributions (PTB's needs its data directory: CELLSEARCH_PTB_DIR)."""
+        from cellsearch.tasks import get_task
+
+        return {task: get_task(task).space_for(self.config.budget_profile).distributions() for task in tasks}
+
+    def _bulk_trials(self, tasks: list[str]) -> int:
+        """The finished Optuna trials a real run holds, one per evaluation, in bulk through Optuna's models: the
+        trial (COMPLETE with the score as its value, FAIL for a failed setting, PRUNED for a partial one), its
+        parameters (the task's space, as ``study.ask(space.distributions())`` stores them), its intermediate values
+        (the learning curve, as the driver's tell reports it) and its ``status`` (and ``perplexity``) attribute.
+        Resumable: the evaluations are read in id order in batches, and the last id written is kept in a table of
+        this benchmark's own (``scale_reads_progress``), committed with each batch."""
+        import datetime
+        import math
+
+        import sqlalchemy as sa
+        from optuna.distributions import distribution_to_json
+        from optuna.storages._rdb import models
+        from optuna.trial import TrialState
+
+        from cellsearch.search.driver import _FAILED, study_name
+        from cellsearch.scoring import PARTIAL_STATUSES
+        from cellsearch.search.storage import EVALUATIONS
+
+        spaces = self.search_spaces(tasks)
+        distribution_json = {task: {name: distribution_to_json(d) for name, d in spaces[task].items()}
+                             for task in tasks}
+        optuna_storage = self._optuna_schema()
+        engine = optuna_storage.engine
+        progress = sa.Table("scale_reads_progress", sa.MetaData(), sa.Column("last_evaluation_id", sa.Integer))
+        progress.create(engine, checkfirst=True)
+        with engine.begin() as connection:
+            studies = dict(connection.execute(
+                sa.select(models.StudyModel.study_name, models.StudyModel.study_id)).all())
+            names = {row["hash"]: row["name"] for row in self.storage.cells() if row["step_created"] < 2}
+            last = connection.execute(sa.select(sa.func.max(progress.c.last_evaluation_id))).scalar() or 0
+        base = datetime.datetime(2026, 1, 1)
+        written = 0
+        while True:
+            with engine.connect() as connection:
+                rows = connection.execute(
+                    sa.select(EVALUATIONS.c.id, EVALUATIONS.c.cell_hash, EVALUATIONS.c.task,
+                              EVALUATIONS.c.trial_number, EVALUATIONS.c.status, EVALUATIONS.c.score,
+                              EVALUATIONS.c.params_json, EVALUATIONS.c.curve_json, EVALUATIONS.c.duration_s)
+                    .where(EVALUATIONS.c.id > last).order_by(EVALUATIONS.c.id).limit(20000)).all()
+            if not rows:
+                break
+            trials, keys = [], []
+            for row in rows:
+                started = base + datetime.timedelta(seconds=row.id)
+                state = (TrialState.FAIL if row.status in _FAILED else
+                         TrialState.PRUNED if row.status in PARTIAL_STATUSES else TrialState.COMPLETE)
+                study_id = studies[study_name(row.cell_hash, row.task, names.get(row.cell_hash))]
+                trials.append({"number": row.trial_number, "study_id": study_id, "state": state,
+                               "datetime_start": started,
+                               "datetime_complete": started + datetime.timedelta(seconds=row.duration_s or 0)})
+                keys.append((study_id, row.trial_number))
+            with engine.begin() as connection:  # the one writer: the batch's trials get the ids after ``before``
+                before = connection.execute(sa.select(sa.func.max(models.TrialModel.trial_id))).scalar() or 0
+                connection.execute(models.TrialModel.__table__.insert(), trials)
+                ids = {(study, number): trial_id for trial_id, study, number in connection.execute(
+                    sa.select(models.TrialModel.trial_id, models.TrialModel.study_id, models.TrialModel.number)
+                    .where(models.TrialModel.trial_id > before))}
+                params, values, intermediate, attributes = [], [], [], []
+                for row, key, trial in zip(rows, keys, trials):
+                    trial_id = ids[key]
+                    setting = json.loads(row.params_json)
+                    for name, distribution in spaces[row.task].items():
+                        params.append({"trial_id": trial_id, "param_name": name,
+                                       "param_value": distribution.to_internal_repr(setting[name]),
+                                       "distribution_json": distribution_json[row.task][name]})
+                    if trial["state"] == TrialState.COMPLETE:
+                        values.append({"trial_id": trial_id, "objective": 0, "value": row.score,
+                                       "value_type": models.TrialValueModel.TrialValueType.FINITE})
+                    for point in json.loads(row.curve_json or "[]"):
+                        value = float(point.get("score", math.nan))
+                        if math.isfinite(value):
+                            intermediate.append({
+                                "trial_id": trial_id, "step": int(point["step"]), "intermediate_value": value,
+                                "intermediate_value_type":
+                                    models.TrialIntermediateValueModel.TrialIntermediateValueType.FINITE})
+                    attributes.append({"trial_id": trial_id, "key": "status", "value_json": json.dumps(row.status)})
+                    if row.task == "ptb" and row.score > 0:
+                        attributes.append({"trial_id": trial_id, "key": "perplexity",
+                                           "value_json": json.dumps(1.0 / row.score)})
+                for model, batch in ((models.TrialParamModel, params), (models.TrialValueModel, values),
+                                     (models.TrialIntermediateValueModel, intermediate),
+                                     (models.TrialUserAttributeModel, attributes)):
+                    if batch:
+                        connection.execute(model.__table__.insert(), batch)
+                last = rows[-1].id
+                connection.execute(progress.delete())
+                connection.execute(progress.insert(), {"last_evaluation_id": last})
+            written += len(rows)
+            self.log(f"trials: {written} written (evaluation id {last})")
+        engine.dispose()
+        return written
 
 def _generate(gen: _Generator) -> dict[str, Any]:
     import optuna
@@ -177,6 +280,7 @@ def _generate(gen: _Generator) -> dict[str, Any]:
 
     gen.open()
     storage, config = gen.storage, gen.config
+    gen.search_spaces(list(config.all_tasks))  # the trials, written last, need them: fail now, not after the cells
     tasks = list(config.tasks)
     reference = zoo.get(config.reference_cell)
 
@@ -304,10 +408,11 @@ def _generate(gen: _Generator) -> dict[str, Any]:
     cells = [(row["hash"], row["name"] if row["step_created"] < 2 else None) for row in gen.storage.cells()
              if row["rejected_by"] != "duplicate"]
     studies = gen._bulk_studies(cells, [config.memorize_task, *tasks])
+    trials = gen._bulk_trials([config.memorize_task, *tasks])
     final = gen.storage.counts()
     gen.storage.close()
     return {"cells": n_cells, "evaluations": final["evaluations"], "steps": step, "studies_added": studies,
-            "seconds": time.monotonic() - started}
+            "trials_added": trials, "seconds": time.monotonic() - started}
 
 
 def generate(run_dir: str | Path, evaluations: int, cells: int, seed: int = 0, log=None,
@@ -316,6 +421,17 @@ def generate(run_dir: str | Path, evaluations: int, cells: int, seed: int = 0, l
     SQLAlchemy URL, or ``run_dir/run.db``); see the module docstring."""
     log = log or (lambda message: print(message, file=sys.stderr, flush=True))
     return _generate(_Generator(Path(run_dir), evaluations, cells, seed, log, storage))
+
+
+def write_trials(run_dir: str | Path, log=None) -> int:
+    """Write the finished Optuna trials of a generated run (resumable; see ``_Generator._bulk_trials``)."""
+    log = log or (lambda message: print(message, file=sys.stderr, flush=True))
+    generator = _Generator(Path(run_dir), 1, 1, 0, log)
+    generator.open()
+    try:
+        return generator._bulk_trials(list(generator.config.all_tasks))
+    finally:
+        generator.storage.close()
 
 
 # -- measuring -------------------------------------------------------------------------------------------------
@@ -329,7 +445,8 @@ config, storage = open_run(sys.argv[1], log=lambda m: None)
 started = time.monotonic()
 driver = SearchDriver(config, storage, executor=None, load_task=lambda name: get_task(name))
 driver._rebuild()
-print(f"rebuilt: {len(driver._specs)} cells, {len(driver._best)} best scores, {len(driver._active)} active steps, "
+cells = driver.cell_count if hasattr(driver, "cell_count") else len(driver._specs)  # the code before the change too
+print(f"rebuilt: {cells} cells, {len(driver._best)} best scores held, {len(driver._active)} active steps, "
       f"{driver.progress.evaluations} evaluations in {time.monotonic() - started:.1f} s")
 storage.close()
 """
@@ -465,6 +582,9 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--storage", help="database URL (default RUN_DIR/run.db); a password comes from "
                    "$CELLSEARCH_STORAGE_URL or PGPASSWORD, as for cellsearch itself")
+    t = sub.add_parser("trials", help="write the finished Optuna trials only (generate's last part; for a run "
+                       "generated before it wrote them)")
+    t.add_argument("run_dir")
     m = sub.add_parser("measure", help="time the readers, one fresh subprocess each")
     m.add_argument("run_dir")
     m.add_argument("--csv")
@@ -474,10 +594,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "generate":
         print(json.dumps(generate(args.run_dir, args.evaluations, args.cells, args.seed, storage=args.storage)))
+    elif args.command == "trials":
+        print(json.dumps({"trials_added": write_trials(args.run_dir)}))
     else:
         measure(args.run_dir, args.csv, args.label, args.only, args.backend)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from cellsearch.errors import UserError
+
+    try:
+        sys.exit(main())
+    except UserError as error:  # e.g. no PTB data for the PTB search space: the message says what to do
+        sys.exit(f"scale_reads: {error}")

@@ -81,7 +81,7 @@ def test_the_driver_rebuilds_from_it(synthetic):
     try:
         driver = SearchDriver(config, storage, executor=None, load_task=lambda name: None)
         driver._rebuild()
-        assert len(driver._specs) == summary["cells"]
+        assert driver.cell_count == summary["cells"]
         assert driver.progress.evaluations == summary["evaluations"]
         assert len(driver._active) == 3
         assert len(driver._population) == sum(row["status"] == "population" for row in storage.cells())
@@ -103,3 +103,33 @@ def test_top_reads_it(synthetic, capsys):
     out = capsys.readouterr().out
     assert out.count("\n") >= 4 and "score" in out
     assert json.loads((run_dir / "run.json").read_text())["run_id"]
+
+
+def test_optuna_holds_a_finished_trial_per_evaluation(synthetic):
+    """Each evaluation has its finished trial in its (cell, task) study, as the driver's tell leaves it: read back
+    through Optuna's own API (parameters, value, state, curve, attributes)."""
+    import optuna
+    from optuna.trial import TrialState
+
+    from cellsearch.search.driver import study_name
+
+    run_dir, summary = synthetic
+    assert summary["trials_added"] == summary["evaluations"]
+    database = _database(run_dir)
+    states = dict(database.execute("SELECT state, count(*) FROM trials GROUP BY state").fetchall())
+    assert states["RUNNING"] == 3 * 2  # the active steps' filter trials
+    assert states["COMPLETE"] + states.get("FAIL", 0) + states.get("PRUNED", 0) == summary["evaluations"]
+    row = database.execute("SELECT cell_hash, task, trial_number, score, status, params_json, curve_json "
+                           "FROM cs_evaluations WHERE task = 'xml' AND status = 'ok' ORDER BY id DESC LIMIT 1"
+                           ).fetchone()
+    database.close()
+    storage = optuna.storages.RDBStorage(f"sqlite:///{run_dir / 'run.db'}")
+    study = optuna.load_study(study_name=study_name(row["cell_hash"], row["task"]), storage=storage)
+    trial = study.trials[row["trial_number"]]
+    assert trial.state == TrialState.COMPLETE and trial.value == pytest.approx(row["score"])
+    setting = json.loads(row["params_json"])
+    assert trial.params and all(trial.params[name] == setting[name] for name in trial.params)
+    curve = {int(p["step"]): p["score"] for p in json.loads(row["curve_json"]) if "score" in p}
+    assert trial.intermediate_values == pytest.approx(curve)
+    assert trial.user_attrs["status"] == "ok"
+    storage.engine.dispose()

@@ -633,3 +633,24 @@ def test_children_start_from_their_parents_best_settings(tmp_path):
         assert first[names].tolist() == best[names].tolist()
         checked += 1
     assert checked > 0
+
+
+def test_a_driver_keeping_one_cell_in_memory_runs_the_same_search(reference_run, tmp_path, monkeypatch):
+    """The driver's working set (cellsearch.search.working_set) is a cache over the run database: with room for
+    a single cell description, every other read goes to the database, and the search is the same. The best scores
+    it holds at the end are those of the cells in use only (population, reference), not of every cell."""
+    from cellsearch.search import driver as driver_module
+
+    monkeypatch.setattr(driver_module, "working_set_capacity", lambda config: 1)
+    config, storage = create_run(tiny_config(), tmp_path / "small-memory")
+    driver = SearchDriver(config, storage, SerialExecutor(task_loader(config)), task_loader(config))
+    try:
+        driver.run()
+        assert len(driver._cells) == 1 and driver._cells.misses > 0
+        cells = storage.cells()
+        assert driver.cell_count == len(cells) > len(driver._population) + 1
+        assert driver._best.cells() <= {*driver._population, driver.reference_hash}
+        assert driver._best.loads > len(driver._best.cells())  # cells were dropped and read back
+    finally:
+        storage.close()
+    pd.testing.assert_frame_equal(trained(reference_run), trained(tmp_path / "small-memory"))

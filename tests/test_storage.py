@@ -133,6 +133,49 @@ def test_best_scores_are_the_maximum_per_cell_and_task(storage):
     assert storage.best_scores() == {("c", "t"): 0.6, ("c", "u"): 0.1}
 
 
+def test_one_cells_reads(storage):
+    storage.start_step(0, "seed", "c", None, cell_row("c"))
+    storage.start_step(1, "mutate", "d", "c", {**cell_row("d", 1), "parent_hash": "c", "spec_json": '{"d": 1}'})
+    assert dict(storage.cell_description("d")) == {"spec_json": '{"d": 1}', "parent_hash": "c"}
+    assert storage.cell_description("e") is None
+    storage.commit_unit(unit(storage, 0), 0, "c", "t", [evaluation(0, 0.2), evaluation(1, 0.6)])
+    storage.commit_unit(unit(storage, 1, step=1), 1, "d", "t", [evaluation(0, 0.3)])
+    assert storage.best_scores(cell_hash="d") == {("d", "t"): 0.3}
+    assert storage.best_scores(cell_hash="e") == {}
+
+
+def test_the_drivers_working_set_reads_through_to_the_database(storage):
+    """``CellCache`` and ``BestScores`` (cellsearch.search.working_set): bounded caches that answer as the
+    database does, whatever they evicted."""
+    from cellsearch.search.working_set import BestScores, CellCache
+
+    for step, cell in enumerate("abcd"):
+        storage.start_step(step, "mutate", cell, None, {**cell_row(cell, step), "spec_json": f'"{cell}"',
+                                                        "parent_hash": "a" if step else None})
+    cache = CellCache(storage, capacity=2)
+    cache.put("d", '"d"', "a")
+    assert [cache.spec_json(cell) for cell in "abcd"] == ['"a"', '"b"', '"c"', '"d"']
+    assert len(cache) == 2 and cache.misses == 4  # d was evicted by the reads of a, b and c
+    assert cache.parent("b") == "a" and cache.parent("a") is None
+    assert cache.known("c") and not cache.known("z")
+    with pytest.raises(KeyError):
+        cache.spec_json("z")
+    with pytest.raises(ValueError, match="capacity"):
+        CellCache(storage, capacity=0)
+
+    storage.commit_unit(unit(storage, 0), 0, "a", "t", [evaluation(0, 0.2), evaluation(1, 0.6)])
+    storage.commit_unit(unit(storage, 1), 0, "b", "t", [evaluation(0, 0.4)])
+    best = BestScores(storage)
+    assert best.get(("a", "t")) == 0.6 and best[("b", "t")] == 0.4 and best.get(("c", "t"), 0.0) == 0.0
+    assert ("a", "u") not in best and best.cells() == {"a", "b", "c"}
+    storage.commit_unit(unit(storage, 2), 0, "a", "t", [evaluation(2, 0.9)])
+    best.record("a", "t", 0.9)
+    best.retain({"a"})
+    assert best.cells() == {"a"} and len(best) == 1
+    assert best.get(("b", "t")) == 0.4 and best.loads == 4  # b was dropped, and read back
+    assert best.get(("a", "t")) == 0.9 == storage.best_scores(cell_hash="a")[("a", "t")]
+
+
 def test_every_write_survives_a_lost_acknowledgement(database_url):
     """A transaction that committed but whose acknowledgement was lost is retried and recognised as done:
     nothing is applied twice (the run row, a step, units, a unit's evaluations, a population change); a

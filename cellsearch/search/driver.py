@@ -55,6 +55,10 @@ Size: the driver is one state machine (steps, stages, units, Optuna trials, resu
 whose transitions share its in-memory state; the pure parts live elsewhere (the score in
 :mod:`cellsearch.scoring`, the population policy in :mod:`cellsearch.search.population`, seeds in
 :mod:`cellsearch.search.seeds`, units in :mod:`cellsearch.search.units`).
+
+Memory: the run database is the record; the driver holds only a working set of it (the descriptions and best
+scores of the cells in use, :mod:`cellsearch.search.working_set`), no per-evaluation objects, and one
+per-cell structure, the duplicate index (results/scale/dispatch.md).
 """
 
 from __future__ import annotations
@@ -80,6 +84,7 @@ from cellsearch.search.population import PopulationPolicy
 from cellsearch.search.storage import PARAMETER_WIDTH, RunStorage, StorageError, StorageFull, engine_options, \
     tune_sqlite
 from cellsearch.search.units import SettingSpec, UnitSpec
+from cellsearch.search.working_set import BestScores, CellCache
 from cellsearch.errors import UserError
 from cellsearch.spec import CellSpec, CellSpecError
 
@@ -162,6 +167,12 @@ class _ActiveStep:
     parent_hash: str | None
     stage: int
     units: dict[int, dict[str, Any]] = field(default_factory=dict)  # unit id -> {stage, task, status, settings}
+
+
+def working_set_capacity(config: SearchConfig) -> int:
+    """How many cells' descriptions the driver keeps (``CellCache``): a few populations, so that parents and the
+    active steps' cells are nearly always in memory, and no more."""
+    return max(1024, 4 * config.population_size)
 
 
 class SearchDriver:
@@ -283,14 +294,17 @@ class SearchDriver:
         from cellsearch.dedup import Deduplicator
 
         cells = self.storage.cells()
-        self._specs = {row["hash"]: row["spec_json"] for row in cells}
-        self._parents = {row["hash"]: row["parent_hash"] for row in cells}
+        # the working set (see cellsearch.search.working_set): a few populations' worth of descriptions, and the
+        # best scores of the cells in use, read on demand; the duplicate index alone sees every cell
+        self._cells = CellCache(self.storage, capacity=working_set_capacity(self.config))
+        self.cell_count = len(cells)
         self._rename_legacy_studies()
         self._dedup = Deduplicator.from_specs(
             CellSpec.from_dict(json.loads(row["spec_json"])) for row in cells if row["rejected_by"] != "duplicate")
         members = {row["hash"] for row in cells if row["status"] == "population"}
+        del cells  # every row's description: the rebuild's peak, not the run's
         self._population = {h: s for h, s in self.storage.population_entries().items() if h in members}
-        self._best = self.storage.best_scores()
+        self._best = BestScores(self.storage)
         counts = self.storage.counts()
         self.progress.units_done = counts["units_done"]
         self.progress.evaluations = counts["evaluations"]
@@ -418,7 +432,8 @@ class SearchDriver:
             spec = zoo.get(name)
             self._dedup.add(spec)
             self.storage.start_step(step, "seed", spec.hash, None, self._cell_row(spec, step, name=name))
-            self._specs[spec.hash] = spec.to_json()
+            self._cells.put(spec.hash, spec.to_json(), None)
+            self.cell_count += 1
             self._active[step] = _ActiveStep(step, "seed", spec.hash, None, 0)
 
     def _cell_row(self, spec: CellSpec, step: int, name: str | None = None, parent: str | None = None,
@@ -481,19 +496,21 @@ class SearchDriver:
         check = self._dedup.check(child)
         if not check.is_new:
             new_cell = None
-            if child.hash not in self._specs:
+            if not self._cells.known(child.hash):
                 new_cell = self._cell_row(child, step, parent=parent_hash, mutation=record, status="rejected",
                                           rejected_by="duplicate", duplicate_of=check.match)
-                self._specs[child.hash] = child.to_json()
             self.storage.start_step(step, "mutate", child.hash, parent_hash, new_cell,
                                     finished_outcome=f"duplicate:{check.kind}")
+            if new_cell is not None:
+                self._cells.put(child.hash, new_cell["spec_json"], parent_hash)
+                self.cell_count += 1
             self.progress.steps_done += 1
             return
         self._dedup.add(child)
-        self._specs[child.hash] = child.to_json()
-        self._parents[child.hash] = parent_hash
-        self.storage.start_step(step, "mutate", child.hash, parent_hash,
-                                self._cell_row(child, step, parent=parent_hash, mutation=record))
+        row = self._cell_row(child, step, parent=parent_hash, mutation=record)
+        self.storage.start_step(step, "mutate", child.hash, parent_hash, row)
+        self._cells.put(child.hash, row["spec_json"], parent_hash)
+        self.cell_count += 1
         active = _ActiveStep(step, "mutate", child.hash, parent_hash, 0)
         self._active[step] = active
         self._advance(active)
@@ -509,7 +526,7 @@ class SearchDriver:
         return self.policy.select(self._members(), self._score, rng)
 
     def _spec(self, cell_hash: str) -> CellSpec:
-        return CellSpec.from_dict(json.loads(self._specs[cell_hash]))
+        return CellSpec.from_dict(json.loads(self._cells.spec_json(cell_hash)))
 
     # -- stages and units ---------------------------------------------------------------------------------------
 
@@ -706,7 +723,7 @@ class SearchDriver:
         resources = self.config.resources
         rung = self._is_rung(active, unit)
         self._unit_specs[unit_id] = UnitSpec(
-            unit_id=unit_id, cell=json.loads(self._specs[unit["cell_hash"]]), task=unit["task"],
+            unit_id=unit_id, cell=json.loads(self._cells.spec_json(unit["cell_hash"])), task=unit["task"],
             budget_profile=self.config.budget_profile,
             settings=tuple(SettingSpec.from_dict(s) for s in unit["settings"]), device=self.config.device,
             num_threads=max(1, int(resources.num_cpus)), batching=self.config.batching.to_dict(),
@@ -757,8 +774,7 @@ class SearchDriver:
         for row in rows:
             self._tell(study, row)
             if row["status"] not in PARTIAL_STATUSES:  # a partial score (pruned, rung) is not the cell's best
-                key = (unit["cell_hash"], unit["task"])
-                self._best[key] = max(self._best.get(key, -math.inf), row["score"])
+                self._best.record(unit["cell_hash"], unit["task"], row["score"])
             if self.config.promotion.enabled:
                 self._note_rung_value(unit["cell_hash"], unit["task"], row)
         # marked told once per round of completions (_run): one transaction for the round, not one per unit
@@ -893,8 +909,13 @@ class SearchDriver:
         if active.kind not in ("seed", "confirm"):
             self.progress.steps_done += 1
         del self._active[active.step]
+        self._best.retain(self._cells_in_use())
         if outcome.endswith(":confirm"):
             self._start_confirmation(cell)
+
+    def _cells_in_use(self) -> set[str]:
+        """The cells whose best scores the driver keeps: the population, the active steps' and the reference."""
+        return {*self._population, self.reference_hash, *(active.cell_hash for active in self._active.values())}
 
     def _admit(self, active: _ActiveStep, cell: str):
         """A candidate that passed every filter: does it enter the population, and who leaves?"""
@@ -1099,7 +1120,7 @@ class SearchDriver:
         objective's name (the system attribute Optuna's ``Study.set_metric_names`` writes)."""
         spec = self._spec(cell_hash)
         user: dict[str, Any] = {"cell": spec.name or cell_hash[:12], "cell_hash": cell_hash}
-        parent = self._parents.get(cell_hash)
+        parent = self._cells.parent(cell_hash)
         if parent is not None:
             user["parent"] = self._initial_names.get(parent) or parent[:12]
             user["parent_hash"] = parent

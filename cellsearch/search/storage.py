@@ -735,11 +735,20 @@ class RunStorage:
             query = query.where(CELLS.c.status.in_(list(statuses)))
         return self._read("read cells", lambda c: list(c.execute(query).mappings()))
 
-    def best_scores(self) -> dict[tuple[str, str], float]:
+    def cell_description(self, cell_hash: str) -> Mapping[str, Any] | None:
+        """One cell's ``spec_json`` and ``parent_hash`` (None when the run holds no such cell): the driver's read
+        on a miss of its working set (``cellsearch.search.working_set``)."""
+        query = sa.select(CELLS.c.spec_json, CELLS.c.parent_hash).where(CELLS.c.hash == cell_hash)
+        return self._read("read a cell", lambda c: c.execute(query).mappings().first())
+
+    def best_scores(self, cell_hash: str | None = None) -> dict[tuple[str, str], float]:
         """(cell hash, task) -> best score over every committed evaluation, except partial ones (settings pruned
-        at a rung of successive halving, or trained only to the promotion rung: ``PARTIAL_STATUSES``)."""
+        at a rung of successive halving, or trained only to the promotion rung: ``PARTIAL_STATUSES``); only
+        ``cell_hash``'s when given (read from the ``ix_cs_evaluations_best`` index)."""
         query = sa.select(EVALUATIONS.c.cell_hash, EVALUATIONS.c.task, sa.func.max(EVALUATIONS.c.score)).where(
             EVALUATIONS.c.status.notin_(PARTIAL_STATUSES)).group_by(EVALUATIONS.c.cell_hash, EVALUATIONS.c.task)
+        if cell_hash is not None:
+            query = query.where(EVALUATIONS.c.cell_hash == cell_hash)
         return self._read("read best scores", lambda c: {
             (cell, task): float(best) for cell, task, best in c.execute(query)})
 
