@@ -172,10 +172,12 @@ class _Generator:
         return len(names)
 
     def search_spaces(self, tasks: list[str]) -> dict[str, Any]:
-        """Each task's hyperparameter distributions (PTB's needs its data directory: CELLSEARCH_PTB_DIR)."""
+        """Each task's hyperparameter distributions. PTB's needs its data directory: the run's, as the driver's
+        task loader passes it (never the process-wide default, which ``get_task`` would cache)."""
         from cellsearch.tasks import get_task
 
-        return {task: get_task(task).space_for(self.config.budget_profile).distributions() for task in tasks}
+        return {task: get_task(task, data_dir=self.config.ptb_dir if task == "ptb" else None)
+                .space_for(self.config.budget_profile).distributions() for task in tasks}
 
     def _bulk_trials(self, tasks: list[str]) -> int:
         """The finished Optuna trials a real run holds, one per evaluation, in bulk through Optuna's models: the
@@ -437,11 +439,13 @@ def write_trials(run_dir: str | Path, log=None) -> int:
 # -- measuring -------------------------------------------------------------------------------------------------
 
 _REBUILD = """
-import sys, time
+import dataclasses, sys, time
 from cellsearch.search.run import open_run
 from cellsearch.search.driver import SearchDriver
 from cellsearch.tasks import get_task
 config, storage = open_run(sys.argv[1], log=lambda m: None)
+if sys.argv[2:] == ["promotion"]:  # as if the run's config had promotion on (a run's stored config cannot change)
+    config = dataclasses.replace(config, promotion=dataclasses.replace(config.promotion, enabled=True))
 started = time.monotonic()
 driver = SearchDriver(config, storage, executor=None, load_task=lambda name: get_task(name))
 driver._rebuild()
@@ -460,7 +464,7 @@ RunStorage(connect_url(read_run_info(sys.argv[1])["storage"])).close()
 """
 
 #: Measurements taken only when named (``--only``).
-OPTIONAL = ("open for writing",)
+OPTIONAL = ("open for writing", "resume rebuild, promotion on")
 
 
 def _measure_one(command: list[str], env: dict[str, str], cwd: Path) -> dict[str, Any]:
@@ -500,6 +504,8 @@ def measurements(run_dir: Path, scratch: Path, cell_hash: str) -> dict[str, list
         "resume rebuild": [python, "-c", _REBUILD, str(run_dir)],
         # only with --only: the one-time creation of missing indexes when an older run is first opened for writing
         "open for writing": [python, "-c", _OPEN, str(run_dir)],
+        # only with --only: the rebuild with promotion on (it reads the cells' promotion-rung scores too)
+        "resume rebuild, promotion on": [python, "-c", _REBUILD, str(run_dir), "promotion"],
     }
 
 
@@ -541,9 +547,9 @@ def measure(run_dir: str | Path, csv_path: str | Path | None, label: str, only: 
                "cells": counts.get("cs_cells"),
                "evaluations": counts.get("cs_evaluations"), "host": platform.node(), "cpus": os.cpu_count(),
                "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-               "command": " ".join(command if name not in ("resume rebuild", "open for writing") else
+               "command": " ".join(command if command[1] != "-c" or not command[2].startswith("\n") else
                                    [command[0], "benchmarks/scale_reads.py(" + ("_REBUILD" if "rebuild" in name
-                                                                             else "_OPEN") + ")", command[-1]])}
+                                                                             else "_OPEN") + ")", *command[3:]])}
         print(json.dumps(row), flush=True)
         rows.append(row)
         if csv_path is not None:

@@ -654,3 +654,39 @@ def test_a_driver_keeping_one_cell_in_memory_runs_the_same_search(reference_run,
     finally:
         storage.close()
     pd.testing.assert_frame_equal(trained(reference_run), trained(tmp_path / "small-memory"))
+
+
+@pytest.mark.slow
+def test_the_promotion_rung_scores_are_a_working_set_too(tmp_path, monkeypatch):
+    """With promotion on, the driver's rung scores (``CellScores`` read off a cell's learning curves) are kept for
+    the cells in use only, and agree with the database at the end; a driver with room for one cell description
+    runs the same promotion search."""
+    from cellsearch.search import driver as driver_module
+
+    def run(run_dir):
+        config, storage = create_run(tiny_config(**PROMOTION), run_dir)
+        driver = SearchDriver(config, storage, SerialExecutor(task_loader(config)), task_loader(config))
+        driver.run()
+        return driver, storage
+
+    run(tmp_path / "plain")[1].close()
+    monkeypatch.setattr(driver_module, "working_set_capacity", lambda config: 1)
+    driver, storage = run(tmp_path / "one-cell")
+    try:
+        decisions = storage.promotions()
+        assert len(decisions) >= 3  # candidates reached the rung
+        held = driver._rung_best.cells()
+        assert held <= {*driver._population, driver.reference_hash}
+        assert driver._rung_best.loads > len(held)  # cells were dropped (and the reference read back)
+        for cell in held:  # the cache holds what the database says
+            fresh = driver._read_rung_scores(cell)
+            assert {key: driver._rung_best[key] for key in fresh} == fresh
+        # every candidate's rung score, read back from the database now (most were dropped), is the one it was
+        # decided on: the reference was not re-evaluated in between on this seed
+        candidates = [d for d in decisions.values() if d["step"] >= 2]
+        assert candidates
+        for decision in candidates:
+            assert driver._rung_score(decision["cell_hash"]) == pytest.approx(decision["score"], nan_ok=True)
+    finally:
+        storage.close()
+    pd.testing.assert_frame_equal(trained(tmp_path / "plain"), trained(tmp_path / "one-cell"))

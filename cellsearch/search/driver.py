@@ -56,9 +56,9 @@ whose transitions share its in-memory state; the pure parts live elsewhere (the 
 :mod:`cellsearch.scoring`, the population policy in :mod:`cellsearch.search.population`, seeds in
 :mod:`cellsearch.search.seeds`, units in :mod:`cellsearch.search.units`).
 
-Memory: the run database is the record; the driver holds only a working set of it (the descriptions and best
-scores of the cells in use, :mod:`cellsearch.search.working_set`), no per-evaluation objects, and one
-per-cell structure, the duplicate index (results/scale/dispatch.md).
+Memory: the run database is the record; the driver holds only a working set of it (the descriptions, best
+scores and promotion-rung scores of the cells in use, :mod:`cellsearch.search.working_set`), no
+per-evaluation objects, and one per-cell structure, the duplicate index (results/scale/dispatch.md).
 """
 
 from __future__ import annotations
@@ -84,7 +84,7 @@ from cellsearch.search.population import PopulationPolicy
 from cellsearch.search.storage import PARAMETER_WIDTH, RunStorage, StorageError, StorageFull, engine_options, \
     tune_sqlite
 from cellsearch.search.units import SettingSpec, UnitSpec
-from cellsearch.search.working_set import BestScores, CellCache
+from cellsearch.search.working_set import BestScores, CellCache, CellScores
 from cellsearch.errors import UserError
 from cellsearch.spec import CellSpec, CellSpecError
 
@@ -332,10 +332,9 @@ class SearchDriver:
             active = self._active[step]
             self._enqueue(active, unit_id, active.units[unit_id])
         self._promotions = dict(self.storage.promotions()) if self.config.promotion.enabled else {}
-        self._rung_best: dict[tuple[str, str], float] = {}
+        # the cells' best scores at the promotion rung, read off a cell's learning curves when it is used
+        self._rung_best = CellScores(self._read_rung_scores)
         if self.config.promotion.enabled:
-            for row in self.storage.learning_curves():
-                self._note_rung_value(row["cell_hash"], row["task"], row)
             measured = [d for d in self._promotions.values() if d["step"] not in self._initial_steps()]
             self.progress.rung_measured = len(measured)
             self.progress.promoted = sum(bool(d["promoted"]) for d in measured)
@@ -909,7 +908,9 @@ class SearchDriver:
         if active.kind not in ("seed", "confirm"):
             self.progress.steps_done += 1
         del self._active[active.step]
-        self._best.retain(self._cells_in_use())
+        in_use = self._cells_in_use()
+        self._best.retain(in_use)
+        self._rung_best.retain(in_use)
         if outcome.endswith(":confirm"):
             self._start_confirmation(cell)
 
@@ -953,18 +954,30 @@ class SearchDriver:
     def _rung_budget(self, task: str):
         return self._task(task).budget(self.config.budget_profile).replace(max_steps=self._rung_step(task))
 
-    def _note_rung_value(self, cell_hash: str, task: str, row: Mapping[str, Any]) -> None:
-        """Fold one evaluation into the cell's best at the rung: a rung evaluation's score, or a longer run's best
-        at the rung read off its learning curve (a failed one counts 0, as for the best)."""
+    def _rung_value(self, task: str, row: Mapping[str, Any]) -> float:
+        """One evaluation's value at the rung: a rung evaluation's score, or a longer run's best at the rung read
+        off its learning curve (a failed one counts 0, as for the best); NaN for a task outside the score."""
         if task not in self.config.tasks:
-            return
+            return math.nan
         if row["status"] == "rung" or row["status"] in _FAILED:
-            value = float(row["score"])
-        else:
-            value = best_until(json.loads(row.get("curve_json") or "[]"), self._rung_step(task))
+            return float(row["score"])
+        return best_until(json.loads(row.get("curve_json") or "[]"), self._rung_step(task))
+
+    def _note_rung_value(self, cell_hash: str, task: str, row: Mapping[str, Any]) -> None:
+        """Fold one evaluation, just committed, into the cell's best at the rung."""
+        value = self._rung_value(task, row)
         if math.isfinite(value):
-            key = (cell_hash, task)
-            self._rung_best[key] = max(self._rung_best.get(key, -math.inf), value)
+            self._rung_best.record(cell_hash, task, value)
+
+    def _read_rung_scores(self, cell_hash: str) -> dict[tuple[str, str], float]:
+        """The cell's best at the rung per task, from its committed evaluations (``CellScores``' read)."""
+        scores: dict[tuple[str, str], float] = {}
+        for row in self.storage.learning_curves(cell_hash=cell_hash):
+            value = self._rung_value(row["task"], row)
+            if math.isfinite(value):
+                key = (cell_hash, row["task"])
+                scores[key] = max(scores.get(key, -math.inf), value)
+        return scores
 
     def _rung_score(self, cell_hash: str) -> float:
         """The cell's score at the rung: its worst ratio to the reference's best at the rung."""

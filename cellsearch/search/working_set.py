@@ -4,10 +4,12 @@ The run database holds every cell and every evaluation; the driver needs only a 
 population (parents are drawn from it, and its members' scores rank it), the cells of the active steps (their units
 carry the cell's description; their gates read the cell's best scores) and the reference cell (every ratio divides
 by its best). Keeping every cell's description, parent and best scores for the whole run made the driver grow by
-about 1.8 kB per cell (results/scale/dispatch.md): 90 MB at 50,000 cells, and no bound. These two classes keep
-the working set and read the rest from the database on a miss, one indexed read per cell.
+about 1.8 kB per cell (results/scale/dispatch.md): 90 MB at 50,000 cells, and no bound. These classes keep the
+working set and read the rest from the database on a miss, one indexed read per cell: ``CellCache`` the
+descriptions, ``CellScores`` a score per cell and task (``BestScores`` the best; the driver's promotion-rung scores,
+read off a cell's learning curves, are another).
 
-Contract: both are caches over the database, never the record. Anything put here has already been written there
+Contract: all are caches over the database, never the record. Anything put here has already been written there
 (a cell row by ``start_step``, a score by ``commit_unit``), so a miss, an eviction or a rebuild after a crash
 reads back the same values. The one per-cell structure left in the driver is the duplicate index
 (:class:`cellsearch.dedup.Deduplicator`: two hashes per distinct cell), which must see every cell.
@@ -17,7 +19,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from typing import Iterable
+from typing import Callable, Iterable, Mapping
 
 from cellsearch.search.storage import RunStorage
 
@@ -75,14 +77,13 @@ class CellCache:
         return self._entry(cell_hash) is not None
 
 
-class BestScores:
-    """(cell hash, task) -> the best committed score (partial ones excluded), as ``RunStorage.best_scores`` reads
-    it, for the cells in use: a cell's scores are read from the database the first time one of them is asked for,
-    updated as its units commit (:meth:`record`), and dropped by :meth:`retain`. A mapping for
-    :func:`cellsearch.scoring.score_of` (``get``)."""
+class CellScores:
+    """(cell hash, task) -> a score, for the cells in use: a cell's scores are read (``load(cell_hash)``, from the
+    database) the first time one of them is asked for, updated as its units commit (:meth:`record`: the larger
+    value is kept), and dropped by :meth:`retain`. A mapping for :func:`cellsearch.scoring.score_of` (``get``)."""
 
-    def __init__(self, storage: RunStorage):
-        self._storage = storage
+    def __init__(self, load: Callable[[str], Mapping[tuple[str, str], float]]):
+        self._read = load
         self._scores: dict[tuple[str, str], float] = {}
         self._loaded: set[str] = set()
         #: Cells read from the database, for benchmarks and tests.
@@ -92,7 +93,7 @@ class BestScores:
         if cell_hash not in self._loaded:
             self._loaded.add(cell_hash)
             self.loads += 1
-            self._scores.update(self._storage.best_scores(cell_hash=cell_hash))
+            self._scores.update(self._read(cell_hash))
 
     def get(self, key: tuple[str, str], default: float | None = None) -> float | None:
         self._load(key[0])
@@ -117,7 +118,7 @@ class BestScores:
         return frozenset(self._loaded)
 
     def record(self, cell_hash: str, task: str, score: float) -> None:
-        """A score just committed to the database: the best is the larger of the two."""
+        """A score just committed to the database (so ``load`` reads it too): the larger of the two is kept."""
         self._load(cell_hash)
         key = (cell_hash, task)
         self._scores[key] = max(self._scores.get(key, -math.inf), score)
@@ -129,3 +130,11 @@ class BestScores:
         if dropped:
             self._loaded -= dropped
             self._scores = {key: value for key, value in self._scores.items() if key[0] not in dropped}
+
+
+class BestScores(CellScores):
+    """(cell hash, task) -> the best committed score (partial ones excluded), as ``RunStorage.best_scores`` reads
+    it, for the cells in use (see :class:`CellScores`)."""
+
+    def __init__(self, storage: RunStorage):
+        super().__init__(lambda cell_hash: storage.best_scores(cell_hash=cell_hash))
