@@ -20,9 +20,6 @@
     learning curve as intermediate values, and the ``status`` (and ``perplexity``) attributes. Read back through
     Optuna's API in ``tests/test_scale_reads.py``.
 
-``python benchmarks/scale_reads.py trials RUN_DIR``
-    writes only the finished trials (generate's last part, resumable), for a run generated before it wrote them.
-
 ``python benchmarks/scale_reads.py measure RUN_DIR --csv results/scale/reads.csv --label before``
     times each reader in a fresh subprocess: wall time, CPU time (user + sys) and peak RSS (``wait4``).
 
@@ -425,17 +422,6 @@ def generate(run_dir: str | Path, evaluations: int, cells: int, seed: int = 0, l
     return _generate(_Generator(Path(run_dir), evaluations, cells, seed, log, storage))
 
 
-def write_trials(run_dir: str | Path, log=None) -> int:
-    """Write the finished Optuna trials of a generated run (resumable; see ``_Generator._bulk_trials``)."""
-    log = log or (lambda message: print(message, file=sys.stderr, flush=True))
-    generator = _Generator(Path(run_dir), 1, 1, 0, log)
-    generator.open()
-    try:
-        return generator._bulk_trials(list(generator.config.all_tasks))
-    finally:
-        generator.storage.close()
-
-
 # -- measuring -------------------------------------------------------------------------------------------------
 
 _REBUILD = """
@@ -509,6 +495,14 @@ def measurements(run_dir: Path, scratch: Path, cell_hash: str) -> dict[str, list
     }
 
 
+def _shown(command: list[str]) -> list[str]:
+    """The command as recorded: an embedded script by its name in this file, not its text."""
+    scripts = {_REBUILD: "_REBUILD", _OPEN: "_OPEN"}
+    if len(command) > 2 and command[2] in scripts:
+        return [command[0], f"benchmarks/scale_reads.py({scripts[command[2]]})", *command[3:]]
+    return command
+
+
 def _best_cell(run_dir: Path) -> str:
     from cellsearch.results import load_run
 
@@ -547,9 +541,7 @@ def measure(run_dir: str | Path, csv_path: str | Path | None, label: str, only: 
                "cells": counts.get("cs_cells"),
                "evaluations": counts.get("cs_evaluations"), "host": platform.node(), "cpus": os.cpu_count(),
                "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-               "command": " ".join(command if command[1] != "-c" or not command[2].startswith("\n") else
-                                   [command[0], "benchmarks/scale_reads.py(" + ("_REBUILD" if "rebuild" in name
-                                                                             else "_OPEN") + ")", *command[3:]])}
+               "command": " ".join(_shown(command))}
         print(json.dumps(row), flush=True)
         rows.append(row)
         if csv_path is not None:
@@ -588,9 +580,6 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--storage", help="database URL (default RUN_DIR/run.db); a password comes from "
                    "$CELLSEARCH_STORAGE_URL or PGPASSWORD, as for cellsearch itself")
-    t = sub.add_parser("trials", help="write the finished Optuna trials only (generate's last part; for a run "
-                       "generated before it wrote them)")
-    t.add_argument("run_dir")
     m = sub.add_parser("measure", help="time the readers, one fresh subprocess each")
     m.add_argument("run_dir")
     m.add_argument("--csv")
@@ -600,8 +589,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "generate":
         print(json.dumps(generate(args.run_dir, args.evaluations, args.cells, args.seed, storage=args.storage)))
-    elif args.command == "trials":
-        print(json.dumps({"trials_added": write_trials(args.run_dir)}))
     else:
         measure(args.run_dir, args.csv, args.label, args.only, args.backend)
     return 0

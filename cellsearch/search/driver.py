@@ -295,7 +295,7 @@ class SearchDriver:
 
         cells = self.storage.cells()
         # the working set (see cellsearch.search.working_set): a few populations' worth of descriptions, and the
-        # best scores of the cells in use, read on demand; the duplicate index alone sees every cell
+        # scores of the cells in use, read on demand; the duplicate index alone sees every cell
         self._cells = CellCache(self.storage, capacity=working_set_capacity(self.config))
         self.cell_count = len(cells)
         self._rename_legacy_studies()
@@ -915,7 +915,8 @@ class SearchDriver:
             self._start_confirmation(cell)
 
     def _cells_in_use(self) -> set[str]:
-        """The cells whose best scores the driver keeps: the population, the active steps' and the reference."""
+        """The cells whose scores (best, and at the promotion rung) the driver keeps: the population, the active
+        steps' and the reference."""
         return {*self._population, self.reference_hash, *(active.cell_hash for active in self._active.values())}
 
     def _admit(self, active: _ActiveStep, cell: str):
@@ -972,7 +973,7 @@ class SearchDriver:
     def _read_rung_scores(self, cell_hash: str) -> dict[tuple[str, str], float]:
         """The cell's best at the rung per task, from its committed evaluations (``CellScores``' read)."""
         scores: dict[tuple[str, str], float] = {}
-        for row in self.storage.learning_curves(cell_hash=cell_hash):
+        for row in self.storage.learning_curves(cell_hash):
             value = self._rung_value(row["task"], row)
             if math.isfinite(value):
                 key = (cell_hash, row["task"])

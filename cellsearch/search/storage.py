@@ -752,13 +752,12 @@ class RunStorage:
         return self._read("read best scores", lambda c: {
             (cell, task): float(best) for cell, task, best in c.execute(query)})
 
-    def learning_curves(self, cell_hash: str | None = None) -> list[Mapping[str, Any]]:
-        """Every committed evaluation's cell, task, status, score and curve, or only ``cell_hash``'s (the driver
-        reads a cell's promotion-rung values off them when the cell is used)."""
+    def learning_curves(self, cell_hash: str) -> list[Mapping[str, Any]]:
+        """The cell's committed evaluations' task, status, score and curve, in commit order (the driver reads a
+        cell's promotion-rung values off them when the cell is used)."""
         e = EVALUATIONS.c
-        query = sa.select(e.cell_hash, e.task, e.status, e.score, e.curve_json).order_by(e.id)
-        if cell_hash is not None:
-            query = query.where(e.cell_hash == cell_hash)
+        query = sa.select(e.cell_hash, e.task, e.status, e.score, e.curve_json).where(
+            e.cell_hash == cell_hash).order_by(e.id)
         return self._read("read learning curves", lambda c: list(c.execute(query).mappings()))
 
     def promotions(self) -> dict[int, Mapping[str, Any]]:
